@@ -1,0 +1,892 @@
+//! BuildCoordinator: one build per image, however many requests ask for it at once.
+//!
+//! Requests for the same image (same packages, architecture and source version) wait
+//! on the one in-flight build and all get its result. The build runs detached from
+//! the requests, so a client hanging up never cancels it; it still finishes and is
+//! cached. Builds beyond the workers plus the queue bound are refused with 429, and a
+//! failed build is answered from memory for a short while instead of being retried
+//! by every hammering client.
+//!
+//! Caches, from cheapest: the shared tag and digest maps read directly by the HTTP
+//! handlers; assembled images keyed by their top-level store paths; built layers
+//! keyed by their store paths; the last two also as records in storage, so another
+//! process on the same storage reuses them. Records are written after the blobs they
+//! name, and checked against storage when read, so a record never leads to a missing
+//! blob.
+
+use crate::actors::nix_worker::{Evaluate, NixWorker, PackLayer, PackSymlinkLayer, Realise};
+use crate::actors::upload::{Put, PutBlobBytes, PutBlobFile, UploadActor};
+use crate::error::BuildError;
+use crate::image::ImageRequest;
+use crate::layers::{self, LayerParams, LayerPlan, Popularity};
+use crate::manifest::{self, LayerEntry, ManifestFormat, RuntimeConfig};
+use crate::nix::{Evaluation, SourceArgs};
+use crate::reference::Digest;
+use crate::storage::{RecordKind, Storage, StorageError};
+use actix::prelude::*;
+use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Bumped whenever layer or manifest bytes change for the same inputs, so records
+/// written by an older version are never mistaken for current ones.
+const FORMAT_VERSION: &str = "nixery-v1";
+
+/// Build (or find) the image for a request.
+#[derive(Message)]
+#[rtype(result = "Result<Arc<BuiltImage>, BuildError>")]
+pub struct GetImage {
+    pub request: ImageRequest,
+    pub source: SourceArgs,
+    pub pinned: bool,
+}
+
+/// Sent by a build to the coordinator when it ends.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct BuildFinished {
+    key: String,
+    pinned: bool,
+    result: Result<Arc<BuiltImage>, BuildError>,
+}
+
+/// A manifest's exact bytes, served verbatim so its digest holds.
+#[derive(Debug, Clone)]
+pub struct StoredManifest {
+    pub digest: Digest,
+    pub bytes: Bytes,
+}
+
+#[derive(Debug, Clone)]
+pub struct BuiltImage {
+    pub docker: StoredManifest,
+    pub oci: StoredManifest,
+}
+
+impl BuiltImage {
+    pub fn manifest(&self, format: ManifestFormat) -> &StoredManifest {
+        match format {
+            ManifestFormat::Docker => &self.docker,
+            ManifestFormat::Oci => &self.oci,
+        }
+    }
+}
+
+/// Counters that tests, logs and metrics read.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub builds_started: AtomicU64,
+    pub builds_deduplicated: AtomicU64,
+    pub builds_failed: AtomicU64,
+    pub builds_rejected: AtomicU64,
+    pub nix_evaluations: AtomicU64,
+    pub nix_realisations: AtomicU64,
+    pub layers_built: AtomicU64,
+    pub layers_reused: AtomicU64,
+    pub bytes_uploaded: AtomicU64,
+    pub cache_hits_tag: AtomicU64,
+    pub cache_hits_image: AtomicU64,
+    pub cache_hits_pinned: AtomicU64,
+}
+
+/// A build in progress, for the status page.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildProgress {
+    pub image: String,
+    pub phase: String,
+    #[serde(skip)]
+    pub started: Instant,
+    pub elapsed_secs: f64,
+    pub layers_done: usize,
+    pub layers_total: usize,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// A failed build, for the status page.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecentFailure {
+    pub image: String,
+    pub message: String,
+    pub unix_time: u64,
+}
+
+struct TagEntry {
+    image: Arc<BuiltImage>,
+    expires: Option<Instant>,
+}
+
+/// State shared with the HTTP handlers, read without going through the actor.
+#[derive(Default)]
+pub struct SharedState {
+    tags: RwLock<HashMap<String, TagEntry>>,
+    manifests: RwLock<HashMap<Digest, Bytes>>,
+    pub stats: Stats,
+    progress: Mutex<BTreeMap<String, BuildProgress>>,
+    failures: Mutex<Vec<RecentFailure>>,
+}
+
+impl SharedState {
+    /// The image cached for a request key, if still fresh.
+    pub fn cached_image(&self, key: &str) -> Option<Arc<BuiltImage>> {
+        let tags = self.tags.read().expect("tag cache lock");
+        let entry = tags.get(key)?;
+        if entry.expires.is_some_and(|t| Instant::now() >= t) {
+            return None;
+        }
+        self.stats.cache_hits_tag.fetch_add(1, Ordering::Relaxed);
+        Some(entry.image.clone())
+    }
+
+    /// A manifest by digest, from memory.
+    pub fn manifest_by_digest(&self, digest: &Digest) -> Option<Bytes> {
+        self.manifests
+            .read()
+            .expect("manifest cache lock")
+            .get(digest)
+            .cloned()
+    }
+
+    pub fn remember_manifest(&self, digest: Digest, bytes: Bytes) {
+        self.manifests
+            .write()
+            .expect("manifest cache lock")
+            .insert(digest, bytes);
+    }
+
+    pub fn builds(&self) -> Vec<BuildProgress> {
+        let now = Instant::now();
+        self.progress
+            .lock()
+            .expect("progress lock")
+            .values()
+            .map(|p| {
+                let mut p = p.clone();
+                p.elapsed_secs = now.duration_since(p.started).as_secs_f64();
+                p
+            })
+            .collect()
+    }
+
+    pub fn recent_failures(&self) -> Vec<RecentFailure> {
+        self.failures.lock().expect("failures lock").clone()
+    }
+
+    fn update(&self, key: &str, f: impl FnOnce(&mut BuildProgress)) {
+        if let Some(p) = self.progress.lock().expect("progress lock").get_mut(key) {
+            f(p);
+        }
+    }
+}
+
+/// Everything a build needs; shared by all builds.
+pub struct BuildContext {
+    pub workers: Addr<NixWorker>,
+    pub uploader: Addr<UploadActor>,
+    pub storage: Arc<Storage>,
+    pub popularity: Popularity,
+    /// Digest of the popularity data, part of every cache key it influences.
+    pub popularity_id: String,
+    pub params: LayerParams,
+    pub gzip_level: u32,
+    pub max_image_bytes: u64,
+    pub shared: Arc<SharedState>,
+    layers: Mutex<HashMap<String, LayerRecord>>,
+    layer_builds: Mutex<HashMap<String, Shared<BoxFuture<'static, Result<LayerDone, BuildError>>>>>,
+    images: Mutex<HashMap<String, Arc<BuiltImage>>>,
+}
+
+impl BuildContext {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        workers: Addr<NixWorker>,
+        uploader: Addr<UploadActor>,
+        storage: Arc<Storage>,
+        popularity: Popularity,
+        popularity_id: String,
+        params: LayerParams,
+        gzip_level: u32,
+        max_image_bytes: u64,
+        shared: Arc<SharedState>,
+    ) -> Self {
+        BuildContext {
+            workers,
+            uploader,
+            storage,
+            popularity,
+            popularity_id,
+            params,
+            gzip_level,
+            max_image_bytes,
+            shared,
+            layers: Mutex::default(),
+            layer_builds: Mutex::default(),
+            images: Mutex::default(),
+        }
+    }
+}
+
+pub struct BuildCoordinator {
+    context: Arc<BuildContext>,
+    in_flight: HashMap<String, Vec<oneshot::Sender<Result<Arc<BuiltImage>, BuildError>>>>,
+    failures: HashMap<String, (Instant, BuildError)>,
+    capacity: usize,
+    failure_ttl: Duration,
+    eval_cache: Duration,
+}
+
+impl BuildCoordinator {
+    /// `capacity` is how many distinct builds may be in flight (running or queued).
+    pub fn new(
+        context: Arc<BuildContext>,
+        capacity: usize,
+        failure_ttl: Duration,
+        eval_cache: Duration,
+    ) -> Self {
+        BuildCoordinator {
+            context,
+            in_flight: HashMap::new(),
+            failures: HashMap::new(),
+            capacity: capacity.max(1),
+            failure_ttl,
+            eval_cache,
+        }
+    }
+}
+
+/// The key of a request: everything that selects the image's contents.
+pub fn request_key(request: &ImageRequest, source: &SourceArgs) -> String {
+    sha256_hex(&serde_json::to_vec(&(FORMAT_VERSION, request, source)).expect("keys serialise"))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
+}
+
+fn digest_of(bytes: &[u8]) -> Digest {
+    Digest::from_hex(&sha256_hex(bytes)).expect("sha256 hex is a digest")
+}
+
+impl Actor for BuildCoordinator {
+    type Context = Context<Self>;
+}
+
+impl Handler<GetImage> for BuildCoordinator {
+    type Result = ResponseFuture<Result<Arc<BuiltImage>, BuildError>>;
+
+    fn handle(&mut self, msg: GetImage, ctx: &mut Self::Context) -> Self::Result {
+        let key = request_key(&msg.request, &msg.source);
+        let stats = &self.context.shared.stats;
+        if let Some((at, err)) = self.failures.get(&key) {
+            if at.elapsed() < self.failure_ttl {
+                let err = err.clone();
+                return Box::pin(async move { Err(err) });
+            }
+            self.failures.remove(&key);
+        }
+        let (tx, rx) = oneshot::channel();
+        if let Some(waiters) = self.in_flight.get_mut(&key) {
+            stats.builds_deduplicated.fetch_add(1, Ordering::Relaxed);
+            waiters.push(tx);
+        } else {
+            if self.in_flight.len() >= self.capacity {
+                stats.builds_rejected.fetch_add(1, Ordering::Relaxed);
+                return Box::pin(async {
+                    Err(BuildError::Overloaded {
+                        retry_after_secs: 10,
+                    })
+                });
+            }
+            stats.builds_started.fetch_add(1, Ordering::Relaxed);
+            self.in_flight.insert(key.clone(), vec![tx]);
+            let context = self.context.clone();
+            let me = ctx.address();
+            let image = msg.request.display_name();
+            context
+                .shared
+                .progress
+                .lock()
+                .expect("progress lock")
+                .insert(
+                    key.clone(),
+                    BuildProgress {
+                        image: image.clone(),
+                        phase: "queued".into(),
+                        started: Instant::now(),
+                        elapsed_secs: 0.0,
+                        layers_done: 0,
+                        layers_total: 0,
+                        bytes_done: 0,
+                        bytes_total: 0,
+                    },
+                );
+            actix::spawn(async move {
+                let started = Instant::now();
+                log::info!("build {image} [{}]: started", &key[..12]);
+                let result = build(&context, &key, &msg.request, &msg.source, msg.pinned).await;
+                match &result {
+                    Ok(img) => log::info!(
+                        "build {image} [{}]: done in {:.2}s, manifest {}",
+                        &key[..12],
+                        started.elapsed().as_secs_f64(),
+                        img.docker.digest
+                    ),
+                    Err(e) => log::warn!("build {image} [{}]: failed: {e}", &key[..12]),
+                }
+                me.do_send(BuildFinished {
+                    key,
+                    pinned: msg.pinned,
+                    result,
+                });
+            });
+        }
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(BuildError::Internal("build was abandoned".into())))
+        })
+    }
+}
+
+impl Handler<BuildFinished> for BuildCoordinator {
+    type Result = ();
+
+    fn handle(&mut self, msg: BuildFinished, _: &mut Self::Context) {
+        let shared = &self.context.shared;
+        let progress = shared
+            .progress
+            .lock()
+            .expect("progress lock")
+            .remove(&msg.key);
+        match &msg.result {
+            Ok(image) => {
+                for m in [&image.docker, &image.oci] {
+                    shared.remember_manifest(m.digest.clone(), m.bytes.clone());
+                }
+                let expires = if msg.pinned {
+                    Some(None)
+                } else if !self.eval_cache.is_zero() {
+                    Some(Some(Instant::now() + self.eval_cache))
+                } else {
+                    None
+                };
+                if let Some(expires) = expires {
+                    shared.tags.write().expect("tag cache lock").insert(
+                        msg.key.clone(),
+                        TagEntry {
+                            image: image.clone(),
+                            expires,
+                        },
+                    );
+                }
+            }
+            Err(e) => {
+                shared.stats.builds_failed.fetch_add(1, Ordering::Relaxed);
+                let mut failures = shared.failures.lock().expect("failures lock");
+                failures.insert(
+                    0,
+                    RecentFailure {
+                        image: progress.map(|p| p.image).unwrap_or_default(),
+                        message: e.to_string(),
+                        unix_time: std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0),
+                    },
+                );
+                failures.truncate(20);
+                // Storage and internal faults are transient: the next request retries.
+                if !matches!(e, BuildError::Storage(_) | BuildError::Internal(_)) {
+                    self.failures
+                        .insert(msg.key.clone(), (Instant::now(), e.clone()));
+                }
+            }
+        }
+        for waiter in self.in_flight.remove(&msg.key).unwrap_or_default() {
+            // A waiter whose client hung up has dropped its receiver; that is fine.
+            let _ = waiter.send(msg.result.clone());
+        }
+    }
+}
+
+/// What a build knows of one layer once it is stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LayerRecord {
+    digest: String,
+    diff_id: String,
+    size: u64,
+    rating: u64,
+    paths: usize,
+}
+
+#[derive(Debug, Clone)]
+struct LayerDone {
+    entry: LayerEntry,
+    reused: bool,
+    uploaded: u64,
+}
+
+/// An assembled image as stored: the exact manifest bytes of both formats.
+#[derive(Debug, Serialize, Deserialize)]
+struct ImageRecord {
+    docker: String,
+    oci: String,
+}
+
+fn storage_error(e: StorageError) -> BuildError {
+    BuildError::Storage(e.to_string())
+}
+
+fn mailbox(e: MailboxError) -> BuildError {
+    BuildError::Internal(format!("worker unavailable: {e}"))
+}
+
+async fn build(
+    c: &Arc<BuildContext>,
+    key: &str,
+    request: &ImageRequest,
+    source: &SourceArgs,
+    pinned: bool,
+) -> Result<Arc<BuiltImage>, BuildError> {
+    let shared = &c.shared;
+    if pinned {
+        if let Some(image) = load_image(c, RecordKind::Pinned, key).await? {
+            shared
+                .stats
+                .cache_hits_pinned
+                .fetch_add(1, Ordering::Relaxed);
+            return Ok(image);
+        }
+    }
+    shared.update(key, |p| p.phase = "evaluating".into());
+    shared.stats.nix_evaluations.fetch_add(1, Ordering::Relaxed);
+    let evaluation = c
+        .workers
+        .send(Evaluate {
+            source: source.clone(),
+            system: request.arch.nix_system(),
+            packages: request.packages.clone(),
+            optional: request.optional_packages(),
+        })
+        .await
+        .map_err(mailbox)??;
+    if !evaluation.missing.is_empty() {
+        return Err(BuildError::NotFound(evaluation.missing));
+    }
+    if !evaluation.not_packages.is_empty() {
+        return Err(BuildError::NotPackages(evaluation.not_packages));
+    }
+
+    let image_key = image_key(c, request, &evaluation);
+    let known = c
+        .images
+        .lock()
+        .expect("image memo lock")
+        .get(&image_key)
+        .cloned();
+    let known = match known {
+        Some(image) => Some(image),
+        None => load_image(c, RecordKind::Image, &image_key).await?,
+    };
+    if let Some(image) = known {
+        shared
+            .stats
+            .cache_hits_image
+            .fetch_add(1, Ordering::Relaxed);
+        log::info!(
+            "build {} [{}]: top-level paths known, image reused without building",
+            request.display_name(),
+            &key[..12]
+        );
+        if pinned {
+            store_record(c, RecordKind::Pinned, key, &image).await?;
+        }
+        return Ok(image);
+    }
+
+    shared.update(key, |p| p.phase = "building".into());
+    shared
+        .stats
+        .nix_realisations
+        .fetch_add(1, Ordering::Relaxed);
+    let closure = c
+        .workers
+        .send(Realise {
+            evaluation: evaluation.clone(),
+        })
+        .await
+        .map_err(mailbox)??;
+    let total: u64 = closure.iter().map(|p| p.nar_size).sum();
+    if c.max_image_bytes > 0 && total > c.max_image_bytes {
+        return Err(BuildError::TooLarge {
+            size: total,
+            max: c.max_image_bytes,
+        });
+    }
+    let top_level = evaluation.output_paths();
+    let plans = layers::group_layers(&top_level, &closure, &c.popularity, &c.params);
+    shared.update(key, |p| {
+        p.phase = "compressing and uploading".into();
+        p.layers_total = plans.len() + 1;
+        p.bytes_total = total;
+    });
+
+    let nar_sizes: HashMap<&str, u64> = closure
+        .iter()
+        .map(|p| (p.path.as_str(), p.nar_size))
+        .collect();
+    let layer_results = futures::future::join_all(plans.iter().map(|plan| {
+        let c = c.clone();
+        let key = key.to_string();
+        let plan = plan.clone();
+        let nar: u64 = plan
+            .paths
+            .iter()
+            .map(|p| nar_sizes.get(p.as_str()).copied().unwrap_or(0))
+            .sum();
+        async move {
+            let done = layer(&c, &plan).await;
+            c.shared.update(&key, |p| {
+                p.layers_done += 1;
+                p.bytes_done += nar;
+            });
+            done
+        }
+    }))
+    .await;
+    let mut entries = Vec::with_capacity(plans.len() + 1);
+    let (mut reused, mut built, mut uploaded) = (0u64, 0u64, 0u64);
+    for done in layer_results {
+        let done = done?;
+        if done.reused {
+            reused += 1;
+        } else {
+            built += 1;
+        }
+        uploaded += done.uploaded;
+        entries.push(done.entry);
+    }
+
+    // The symlink layer goes on top: it is the image's own root file system.
+    let mut packages: Vec<PathBuf> = Vec::new();
+    for p in &evaluation.packages {
+        let path = PathBuf::from(&p.path);
+        if !packages.contains(&path) {
+            packages.push(path);
+        }
+    }
+    let (packed, info) = c
+        .workers
+        .send(PackSymlinkLayer {
+            packages,
+            spool_dir: c.storage.spool_dir().to_path_buf(),
+        })
+        .await
+        .map_err(mailbox)??;
+    let put = put_file(c, &packed.file, &packed.summary.digest, packed.summary.size).await?;
+    uploaded += put.bytes;
+    entries.push(LayerEntry {
+        digest: packed.summary.digest.clone(),
+        diff_id: packed.summary.diff_id.clone(),
+        size: packed.summary.size,
+    });
+
+    let mut env = vec!["PATH=/bin:/sbin:/usr/bin:/usr/sbin".to_string()];
+    if info.has_cacert {
+        env.push("SSL_CERT_FILE=/etc/ssl/certs/ca-bundle.crt".into());
+    }
+    let runtime = RuntimeConfig {
+        env,
+        cmd: info.has_bash.then(|| vec!["bash".to_string()]),
+    };
+    let config = Bytes::from(manifest::config_blob(request.arch, &entries, &runtime));
+    let config_digest = digest_of(&config);
+    uploaded += put_bytes(c, &config_digest, config.clone(), manifest::DOCKER_CONFIG).await?;
+    let mut manifests = Vec::with_capacity(2);
+    for format in [ManifestFormat::Docker, ManifestFormat::Oci] {
+        let bytes = Bytes::from(manifest::manifest_bytes(
+            format,
+            &config_digest.to_string(),
+            config.len() as u64,
+            &entries,
+        ));
+        let digest = digest_of(&bytes);
+        uploaded += put_bytes(c, &digest, bytes.clone(), format.media_type()).await?;
+        manifests.push(StoredManifest { digest, bytes });
+    }
+    let oci = manifests.pop().expect("two manifests");
+    let docker = manifests.pop().expect("two manifests");
+    let image = Arc::new(BuiltImage { docker, oci });
+
+    store_record(c, RecordKind::Image, &image_key, &image).await?;
+    if pinned {
+        store_record(c, RecordKind::Pinned, key, &image).await?;
+    }
+    c.images
+        .lock()
+        .expect("image memo lock")
+        .insert(image_key, image.clone());
+    shared
+        .stats
+        .bytes_uploaded
+        .fetch_add(uploaded, Ordering::Relaxed);
+    log::info!(
+        "build {} [{}]: {} layers reused, {} layers built, {} bytes uploaded, image {} bytes",
+        request.display_name(),
+        &key[..12],
+        reused,
+        built + 1,
+        uploaded,
+        entries.iter().map(|e| e.size).sum::<u64>() + config.len() as u64
+    );
+    Ok(image)
+}
+
+/// The key of an assembled image: its top-level store paths and every setting that
+/// changes its bytes.
+fn image_key(c: &BuildContext, request: &ImageRequest, evaluation: &Evaluation) -> String {
+    let material = serde_json::json!({
+        "version": FORMAT_VERSION,
+        "arch": request.arch,
+        "paths": evaluation.output_paths(),
+        "budget": c.params.budget,
+        "popularity_threshold": c.params.popularity_threshold,
+        "size_threshold": c.params.size_threshold,
+        "popularity": c.popularity_id,
+        "gzip_level": c.gzip_level,
+    });
+    sha256_hex(material.to_string().as_bytes())
+}
+
+fn layer_key(paths: &[String], gzip_level: u32) -> String {
+    sha256_hex(&serde_json::to_vec(&(FORMAT_VERSION, gzip_level, paths)).expect("keys serialise"))
+}
+
+async fn store_record(
+    c: &BuildContext,
+    kind: RecordKind,
+    key: &str,
+    image: &BuiltImage,
+) -> Result<(), BuildError> {
+    let record = ImageRecord {
+        docker: String::from_utf8_lossy(&image.docker.bytes).into_owned(),
+        oci: String::from_utf8_lossy(&image.oci.bytes).into_owned(),
+    };
+    c.storage
+        .write_record(
+            kind,
+            key,
+            Bytes::from(serde_json::to_vec(&record).expect("records serialise")),
+        )
+        .await
+        .map_err(storage_error)
+}
+
+/// Reads an image record and checks that every blob it names is stored.
+async fn load_image(
+    c: &BuildContext,
+    kind: RecordKind,
+    key: &str,
+) -> Result<Option<Arc<BuiltImage>>, BuildError> {
+    let Some(raw) = c
+        .storage
+        .read_record(kind, key)
+        .await
+        .map_err(storage_error)?
+    else {
+        return Ok(None);
+    };
+    let Ok(record) = serde_json::from_slice::<ImageRecord>(&raw) else {
+        log::warn!("ignoring unreadable image record {key}");
+        return Ok(None);
+    };
+    #[derive(Deserialize)]
+    struct Desc {
+        digest: String,
+    }
+    #[derive(Deserialize)]
+    struct Parsed {
+        config: Desc,
+        layers: Vec<Desc>,
+    }
+    let docker = Bytes::from(record.docker.into_bytes());
+    let oci = Bytes::from(record.oci.into_bytes());
+    let Ok(parsed) = serde_json::from_slice::<Parsed>(&docker) else {
+        return Ok(None);
+    };
+    let docker_digest = digest_of(&docker);
+    let oci_digest = digest_of(&oci);
+    let mut needed = vec![docker_digest.clone(), oci_digest.clone()];
+    for d in std::iter::once(&parsed.config).chain(parsed.layers.iter()) {
+        match Digest::parse(&d.digest) {
+            Ok(d) => needed.push(d),
+            Err(_) => return Ok(None),
+        }
+    }
+    for d in &needed {
+        if c.storage
+            .blob_size(d)
+            .await
+            .map_err(storage_error)?
+            .is_none()
+        {
+            log::warn!("image record {key} names missing blob {d}; rebuilding");
+            return Ok(None);
+        }
+    }
+    Ok(Some(Arc::new(BuiltImage {
+        docker: StoredManifest {
+            digest: docker_digest,
+            bytes: docker,
+        },
+        oci: StoredManifest {
+            digest: oci_digest,
+            bytes: oci,
+        },
+    })))
+}
+
+/// One layer: reused when this process or storage already has it, otherwise packed
+/// and uploaded once even when several builds need it at the same time.
+async fn layer(c: &Arc<BuildContext>, plan: &LayerPlan) -> Result<LayerDone, BuildError> {
+    let key = layer_key(&plan.paths, c.gzip_level);
+    if let Some(record) = c.layers.lock().expect("layer memo lock").get(&key).cloned() {
+        c.shared.stats.layers_reused.fetch_add(1, Ordering::Relaxed);
+        return Ok(done_from_record(&record, true, 0));
+    }
+    let pending = {
+        let mut builds = c.layer_builds.lock().expect("layer builds lock");
+        builds
+            .entry(key.clone())
+            .or_insert_with(|| {
+                let c = c.clone();
+                let key = key.clone();
+                let plan = plan.clone();
+                async move {
+                    let result = build_layer(&c, &key, &plan).await;
+                    c.layer_builds
+                        .lock()
+                        .expect("layer builds lock")
+                        .remove(&key);
+                    result
+                }
+                .boxed()
+                .shared()
+            })
+            .clone()
+    };
+    pending.await
+}
+
+async fn build_layer(
+    c: &BuildContext,
+    key: &str,
+    plan: &LayerPlan,
+) -> Result<LayerDone, BuildError> {
+    if let Some(raw) = c
+        .storage
+        .read_record(RecordKind::Layer, key)
+        .await
+        .map_err(storage_error)?
+    {
+        if let Ok(record) = serde_json::from_slice::<LayerRecord>(&raw) {
+            let stored = match Digest::parse(&record.digest) {
+                Ok(d) => c.storage.blob_size(&d).await.map_err(storage_error)?,
+                Err(_) => None,
+            };
+            if stored == Some(record.size) {
+                c.layers
+                    .lock()
+                    .expect("layer memo lock")
+                    .insert(key.to_string(), record.clone());
+                c.shared.stats.layers_reused.fetch_add(1, Ordering::Relaxed);
+                return Ok(done_from_record(&record, true, 0));
+            }
+        }
+    }
+    let packed = c
+        .workers
+        .send(PackLayer {
+            paths: plan.paths.iter().map(PathBuf::from).collect(),
+            spool_dir: c.storage.spool_dir().to_path_buf(),
+        })
+        .await
+        .map_err(mailbox)??;
+    let put = put_file(c, &packed.file, &packed.summary.digest, packed.summary.size).await?;
+    let record = LayerRecord {
+        digest: packed.summary.digest.clone(),
+        diff_id: packed.summary.diff_id.clone(),
+        size: packed.summary.size,
+        rating: plan.rating,
+        paths: plan.paths.len(),
+    };
+    c.storage
+        .write_record(
+            RecordKind::Layer,
+            key,
+            Bytes::from(serde_json::to_vec(&record).expect("records serialise")),
+        )
+        .await
+        .map_err(storage_error)?;
+    c.layers
+        .lock()
+        .expect("layer memo lock")
+        .insert(key.to_string(), record.clone());
+    c.shared.stats.layers_built.fetch_add(1, Ordering::Relaxed);
+    Ok(done_from_record(&record, false, put.bytes))
+}
+
+fn done_from_record(record: &LayerRecord, reused: bool, uploaded: u64) -> LayerDone {
+    LayerDone {
+        entry: LayerEntry {
+            digest: record.digest.clone(),
+            diff_id: record.diff_id.clone(),
+            size: record.size,
+        },
+        reused,
+        uploaded,
+    }
+}
+
+async fn put_file(
+    c: &BuildContext,
+    file: &std::path::Path,
+    digest: &str,
+    size: u64,
+) -> Result<Put, BuildError> {
+    let digest = Digest::parse(digest)
+        .map_err(|e| BuildError::Internal(format!("layer digest {digest}: {e}")))?;
+    c.uploader
+        .send(PutBlobFile {
+            digest,
+            file: file.to_path_buf(),
+            size,
+            media_type: manifest::DOCKER_LAYER,
+        })
+        .await
+        .map_err(mailbox)?
+        .map_err(storage_error)
+}
+
+async fn put_bytes(
+    c: &BuildContext,
+    digest: &Digest,
+    bytes: Bytes,
+    media_type: &'static str,
+) -> Result<u64, BuildError> {
+    c.uploader
+        .send(PutBlobBytes {
+            digest: digest.clone(),
+            bytes,
+            media_type,
+        })
+        .await
+        .map_err(mailbox)?
+        .map(|p| p.bytes)
+        .map_err(storage_error)
+}

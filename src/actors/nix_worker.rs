@@ -1,0 +1,198 @@
+//! NixWorker: a pool of synchronous actors (one thread each) that run Nix and pack
+//! layers. Both block (on a subprocess, or on tar and gzip), so each worker does one
+//! job at a time and the pool size bounds how many run at once.
+
+use crate::archive::{self, LayerSummary, SymlinkLayerInfo};
+use crate::error::BuildError;
+use crate::layers::StorePathInfo;
+use crate::nix::{self, Evaluation, SourceArgs};
+use crate::process::{self, RunError};
+use actix::prelude::*;
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Resolve the packages of an image to derivations and output paths.
+#[derive(Message)]
+#[rtype(result = "Result<Evaluation, BuildError>")]
+pub struct Evaluate {
+    pub source: SourceArgs,
+    pub system: &'static str,
+    pub packages: Vec<String>,
+    pub optional: Vec<String>,
+}
+
+/// Build (or substitute) the evaluated packages and read their runtime closure.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<StorePathInfo>, BuildError>")]
+pub struct Realise {
+    pub evaluation: Evaluation,
+}
+
+/// Write one layer of store paths into a spool file.
+#[derive(Message)]
+#[rtype(result = "Result<PackedLayer, BuildError>")]
+pub struct PackLayer {
+    pub paths: Vec<PathBuf>,
+    pub spool_dir: PathBuf,
+}
+
+/// Write the symlink layer (the image's `/bin`, `/etc`, … pointing into the store).
+#[derive(Message)]
+#[rtype(result = "Result<(PackedLayer, SymlinkLayerInfo), BuildError>")]
+pub struct PackSymlinkLayer {
+    pub packages: Vec<PathBuf>,
+    pub spool_dir: PathBuf,
+}
+
+/// A layer written to a spool file, with the digests computed while writing it.
+#[derive(Debug)]
+pub struct PackedLayer {
+    pub file: PathBuf,
+    pub summary: LayerSummary,
+}
+
+pub struct NixWorker {
+    pub expr_file: String,
+    pub bin_dir: Option<PathBuf>,
+    pub eval_timeout: Duration,
+    pub build_timeout: Duration,
+    pub gzip_level: u32,
+}
+
+impl Actor for NixWorker {
+    type Context = SyncContext<Self>;
+}
+
+impl NixWorker {
+    fn program(&self, name: &str) -> String {
+        match &self.bin_dir {
+            Some(dir) => dir.join(name).display().to_string(),
+            None => name.to_string(),
+        }
+    }
+
+    fn nix_store(&self, args: &[String], timeout: Duration) -> Result<Vec<u8>, BuildError> {
+        process::run(&self.program("nix-store"), args, timeout)
+            .map(|o| o.stdout)
+            .map_err(|e| run_error(e, "Nix build", BuildError::BuildFailed))
+    }
+}
+
+fn run_error(e: RunError, what: &'static str, failed: fn(String) -> BuildError) -> BuildError {
+    match e {
+        RunError::Spawn { program, source } => {
+            BuildError::Internal(format!("cannot run {program}: {source}"))
+        }
+        RunError::Failed { stderr, .. } => failed(nix::error_tail(&stderr, 4000)),
+        RunError::TimedOut { secs, stderr, .. } => BuildError::Timeout {
+            what,
+            secs,
+            tail: nix::error_tail(&stderr, 2000),
+        },
+    }
+}
+
+impl Handler<Evaluate> for NixWorker {
+    type Result = Result<Evaluation, BuildError>;
+
+    fn handle(&mut self, msg: Evaluate, _: &mut Self::Context) -> Self::Result {
+        let args = nix::eval_args(
+            &self.expr_file,
+            &msg.source,
+            msg.system,
+            &msg.packages,
+            &msg.optional,
+        );
+        let out = process::run(&self.program("nix-instantiate"), &args, self.eval_timeout)
+            .map_err(|e| run_error(e, "Nix evaluation", BuildError::EvalFailed))?;
+        nix::parse_evaluation(&out.stdout).map_err(BuildError::Internal)
+    }
+}
+
+impl Handler<Realise> for NixWorker {
+    type Result = Result<Vec<StorePathInfo>, BuildError>;
+
+    fn handle(&mut self, msg: Realise, _: &mut Self::Context) -> Self::Result {
+        let outputs = msg.evaluation.output_paths();
+        if outputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let timeout = self.build_timeout;
+        self.nix_store(
+            &nix::realise_args(&msg.evaluation, timeout.as_secs()),
+            timeout,
+        )?;
+        let mut query = vec!["--query".to_string(), "--requisites".to_string()];
+        query.extend(outputs);
+        let closure = String::from_utf8(self.nix_store(&query, timeout)?)
+            .map_err(|e| BuildError::Internal(format!("nix-store output: {e}")))?;
+        let mut dump = vec!["--dump-db".to_string()];
+        dump.extend(closure.lines().filter(|l| !l.is_empty()).map(String::from));
+        let registration = String::from_utf8(self.nix_store(&dump, timeout)?)
+            .map_err(|e| BuildError::Internal(format!("nix-store output: {e}")))?;
+        nix::parse_registration(&registration).map_err(BuildError::Internal)
+    }
+}
+
+fn spool_file(dir: &Path) -> Result<(PathBuf, BufWriter<File>), BuildError> {
+    let path = dir.join(format!(".layer-{:016x}", rand::random::<u64>()));
+    let file = File::create(&path)
+        .map_err(|e| BuildError::Storage(format!("create {}: {e}", path.display())))?;
+    Ok((path, BufWriter::with_capacity(1 << 20, file)))
+}
+
+fn finish_spool(path: &Path, w: BufWriter<File>) -> Result<(), BuildError> {
+    let file = w
+        .into_inner()
+        .map_err(|e| BuildError::Storage(format!("write {}: {}", path.display(), e.error())))?;
+    file.sync_data()
+        .map_err(|e| BuildError::Storage(format!("sync {}: {e}", path.display())))
+}
+
+impl Handler<PackLayer> for NixWorker {
+    type Result = Result<PackedLayer, BuildError>;
+
+    fn handle(&mut self, msg: PackLayer, _: &mut Self::Context) -> Self::Result {
+        let (path, writer) = spool_file(&msg.spool_dir)?;
+        let result =
+            archive::write_store_layer(Path::new("/"), &msg.paths, self.gzip_level, writer)
+                .map_err(|e| BuildError::Internal(format!("packing layer: {e}")))
+                .and_then(|(w, summary)| finish_spool(&path, w).map(|_| summary));
+        match result {
+            Ok(summary) => Ok(PackedLayer {
+                file: path,
+                summary,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Handler<PackSymlinkLayer> for NixWorker {
+    type Result = Result<(PackedLayer, SymlinkLayerInfo), BuildError>;
+
+    fn handle(&mut self, msg: PackSymlinkLayer, _: &mut Self::Context) -> Self::Result {
+        let (path, writer) = spool_file(&msg.spool_dir)?;
+        let result = archive::write_symlink_layer(&msg.packages, self.gzip_level, writer)
+            .map_err(|e| BuildError::Internal(format!("packing symlink layer: {e}")))
+            .and_then(|(w, summary, info)| finish_spool(&path, w).map(|_| (summary, info)));
+        match result {
+            Ok((summary, info)) => Ok((
+                PackedLayer {
+                    file: path,
+                    summary,
+                },
+                info,
+            )),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+}

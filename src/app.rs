@@ -1,0 +1,176 @@
+//! Start-up: storage, popularity data, the actors, and the HTTP server. Everything
+//! that can be wrong with the configuration or the environment is found here and
+//! reported as one line before the server accepts a request.
+
+use crate::actors::coordinator::{BuildContext, BuildCoordinator, SharedState};
+use crate::actors::nix_worker::NixWorker;
+use crate::actors::signer::SignerActor;
+use crate::actors::upload::UploadActor;
+use crate::config::Settings;
+use crate::http::{self, AppState};
+use crate::layers::{LayerParams, Popularity};
+use crate::nix;
+use crate::signing::ServiceAccountKey;
+use crate::storage::{filesystem::FsStorage, gcs::GcsStorage, Storage};
+use actix::prelude::*;
+use actix_web::{middleware, web, App, HttpServer};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub async fn run(settings: Settings) -> Result<(), String> {
+    let source = settings.package_source().map_err(|e| e.to_string())?;
+    let storage =
+        Arc::new(match settings.storage.backend.as_str() {
+            "gcs" => Storage::Gcs(
+                GcsStorage::open(&settings.storage)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
+            _ => Storage::Filesystem(FsStorage::open(Path::new(&settings.storage.path)).map_err(
+                |e| format!("storage.path (STORAGE_PATH) {}: {e}", settings.storage.path),
+            )?),
+        });
+    let (popularity, popularity_id) = load_popularity(&settings.layers.popularity_url).await?;
+    let expr_file = write_expression()?;
+    let signing_key = match (storage.name(), settings.storage.credentials.as_str()) {
+        ("gcs", path) if !path.is_empty() => {
+            let json = std::fs::read(path).map_err(|e| {
+                format!("storage.credentials (GOOGLE_APPLICATION_CREDENTIALS) {path}: {e}")
+            })?;
+            Some(ServiceAccountKey::from_json(&json).map_err(|e| {
+                format!("storage.credentials (GOOGLE_APPLICATION_CREDENTIALS) {path}: {e}")
+            })?)
+        }
+        _ => None,
+    };
+
+    let workers = settings.nix_workers();
+    let worker_settings = (
+        expr_file.display().to_string(),
+        (!settings.nix.bin_dir.is_empty()).then(|| PathBuf::from(&settings.nix.bin_dir)),
+        Duration::from_secs(settings.nix.eval_timeout_secs.max(1)),
+        Duration::from_secs(settings.nix.timeout_secs),
+        settings.layers.gzip_level,
+    );
+    let nix_workers = SyncArbiter::start(workers, move || NixWorker {
+        expr_file: worker_settings.0.clone(),
+        bin_dir: worker_settings.1.clone(),
+        eval_timeout: worker_settings.2,
+        build_timeout: worker_settings.3,
+        gzip_level: worker_settings.4,
+    });
+    let uploader = UploadActor::new(storage.clone(), settings.storage.upload_concurrency).start();
+    let signer = SignerActor::new(
+        signing_key,
+        &settings.storage.endpoint,
+        Duration::from_secs(settings.storage.signed_url_ttl_secs.max(1)),
+    )
+    .start();
+    let shared = Arc::new(SharedState::default());
+    let context = Arc::new(BuildContext::new(
+        nix_workers,
+        uploader,
+        storage.clone(),
+        popularity,
+        popularity_id,
+        LayerParams {
+            budget: settings.layers.budget,
+            popularity_threshold: settings.layers.popularity_threshold,
+            size_threshold: settings.layers.size_threshold,
+        },
+        settings.layers.gzip_level,
+        settings.limits.max_image_bytes,
+        shared.clone(),
+    ));
+    // The coordinator and the builds it spawns get a thread of their own, away from
+    // the HTTP workers.
+    let coordinator_arbiter = Arbiter::new();
+    let capacity = workers + settings.nix.queue_limit;
+    let failure_ttl = Duration::from_secs(settings.nix.failure_cache_secs);
+    let eval_cache = Duration::from_secs(settings.nix.eval_cache_secs);
+    let coordinator =
+        BuildCoordinator::start_in_arbiter(&coordinator_arbiter.handle(), move |_| {
+            BuildCoordinator::new(context, capacity, failure_ttl, eval_cache)
+        });
+
+    let state = web::Data::new(AppState {
+        coordinator,
+        signer,
+        storage: storage.clone(),
+        shared,
+        source: source.clone(),
+        limits: settings.limits.clone(),
+    });
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .wrap(middleware::from_fn(http::limit_head))
+            .wrap(middleware::Logger::new("%a \"%r\" %s %b %Dms"))
+            .configure(http::configure)
+    })
+    .client_request_timeout(Duration::from_secs(
+        settings.server.client_request_timeout_secs,
+    ))
+    .keep_alive(Duration::from_secs(settings.server.keep_alive_secs))
+    .shutdown_timeout(settings.server.shutdown_grace_secs)
+    .max_connections(settings.server.max_connections);
+    if settings.server.http_workers > 0 {
+        server = server.workers(settings.server.http_workers);
+    }
+    let server = server
+        .bind((settings.server.listen.as_str(), settings.server.port))
+        .map_err(|e| {
+            format!(
+                "server.listen/server.port (NIXERY_LISTEN/PORT) {}:{}: {e}",
+                settings.server.listen, settings.server.port
+            )
+        })?;
+    for addr in server.addrs() {
+        log::info!(
+            "listening on http://{addr} ({} storage, source {:?}, {workers} Nix workers)",
+            storage.name(),
+            source
+        );
+    }
+    let result = server.run().await.map_err(|e| e.to_string());
+    coordinator_arbiter.stop();
+    result
+}
+
+/// The Nix expression lives in the binary; Nix reads it from a private file.
+fn write_expression() -> Result<PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!("nixery-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let path = dir.join("prepare-image.nix");
+    std::fs::write(&path, nix::PREPARE_IMAGE_NIX)
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(path)
+}
+
+/// Popularity data from a URL or a file; none means every package counts 1.
+async fn load_popularity(url: &str) -> Result<(Popularity, String), String> {
+    if url.is_empty() {
+        return Ok((Popularity::default(), "none".into()));
+    }
+    let what = "layers.popularity_url (NIX_POPULARITY_URL)";
+    let bytes = if url.starts_with("http://") || url.starts_with("https://") {
+        let response = reqwest::get(url)
+            .await
+            .map_err(|e| format!("{what} {url}: {e}"))?;
+        if !response.status().is_success() {
+            return Err(format!("{what} {url}: HTTP {}", response.status()));
+        }
+        response
+            .bytes()
+            .await
+            .map_err(|e| format!("{what} {url}: {e}"))?
+            .to_vec()
+    } else {
+        let path = url.strip_prefix("file://").unwrap_or(url);
+        std::fs::read(path).map_err(|e| format!("{what} {path}: {e}"))?
+    };
+    let popularity = Popularity::from_json(&bytes).map_err(|e| format!("{what} {url}: {e}"))?;
+    let id = hex::encode(ring::digest::digest(&ring::digest::SHA256, &bytes));
+    Ok((popularity, id))
+}

@@ -1,0 +1,372 @@
+//! Typed configuration: `config/default.toml` (built in), an optional file named by
+//! `NIXERY_CONFIG`, then the environment, including the Go Nixery's variable names.
+//!
+//! Pure after `load`: nothing else in the program reads the environment.
+
+use serde::Deserialize;
+use std::collections::HashMap;
+
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// Go Nixery variable names and the keys they set.
+pub const ENV_ALIASES: [(&str, &str); 13] = [
+    ("PORT", "server.port"),
+    ("NIXERY_LISTEN", "server.listen"),
+    ("NIXERY_CHANNEL", "source.channel"),
+    ("NIXERY_PKGS_REPO", "source.repo"),
+    ("NIXERY_PKGS_PATH", "source.path"),
+    ("NIXERY_STORAGE_BACKEND", "storage.backend"),
+    ("STORAGE_PATH", "storage.path"),
+    ("GCS_BUCKET", "storage.bucket"),
+    ("STORAGE_EMULATOR_HOST", "storage.endpoint"),
+    ("GOOGLE_APPLICATION_CREDENTIALS", "storage.credentials"),
+    ("NIX_TIMEOUT", "nix.timeout_secs"),
+    ("NIX_POPULARITY_URL", "layers.popularity_url"),
+    ("NIXERY_NIX_WORKERS", "nix.workers"),
+];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: Server,
+    pub source: SourceSettings,
+    pub storage: StorageSettings,
+    pub nix: NixSettings,
+    pub layers: LayerSettings,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    pub listen: String,
+    pub port: u16,
+    pub http_workers: usize,
+    pub shutdown_grace_secs: u64,
+    pub client_request_timeout_secs: u64,
+    pub keep_alive_secs: u64,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSettings {
+    pub channel: String,
+    pub repo: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    pub backend: String,
+    pub path: String,
+    pub bucket: String,
+    pub endpoint: String,
+    pub credentials: String,
+    pub signed_url_ttl_secs: u64,
+    pub upload_concurrency: usize,
+    pub spool_path: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NixSettings {
+    pub timeout_secs: u64,
+    pub eval_timeout_secs: u64,
+    pub workers: usize,
+    pub queue_limit: usize,
+    pub failure_cache_secs: u64,
+    pub eval_cache_secs: u64,
+    pub bin_dir: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerSettings {
+    pub budget: usize,
+    pub popularity_url: String,
+    pub popularity_threshold: u64,
+    pub size_threshold: u64,
+    pub gzip_level: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub max_name_length: usize,
+    pub max_packages: usize,
+    pub max_header_bytes: usize,
+    pub max_image_bytes: u64,
+}
+
+/// The package set images are built from, and how a tag selects its version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PackageSource {
+    /// A nixpkgs branch or commit, fetched from GitHub by Nix.
+    Channel(String),
+    /// A git repository; the tag names a branch or a commit.
+    Git(String),
+    /// A local directory.
+    Path(String),
+}
+
+impl PackageSource {
+    /// Nix's view of the source for a request's tag, and whether the result is
+    /// pinned (the same name always gives the same image), which makes it cacheable
+    /// without evaluating.
+    pub fn for_tag(&self, tag: &str) -> (crate::nix::SourceArgs, bool) {
+        use crate::nix::SourceArgs;
+        match self {
+            PackageSource::Channel(c) => (
+                SourceArgs {
+                    src_type: "nixpkgs",
+                    src_args: c.clone(),
+                },
+                is_commit(c),
+            ),
+            PackageSource::Git(url) => {
+                let mut spec = serde_json::Map::new();
+                spec.insert("url".into(), url.clone().into());
+                let pinned = is_commit(tag);
+                if pinned {
+                    spec.insert("rev".into(), tag.into());
+                    // A commit need not be on the default branch.
+                    spec.insert("allRefs".into(), true.into());
+                } else if tag != "latest" {
+                    spec.insert("ref".into(), tag.into());
+                }
+                (
+                    SourceArgs {
+                        src_type: "git",
+                        src_args: serde_json::Value::Object(spec).to_string(),
+                    },
+                    pinned,
+                )
+            }
+            PackageSource::Path(p) => (
+                SourceArgs {
+                    src_type: "path",
+                    src_args: p.clone(),
+                },
+                false,
+            ),
+        }
+    }
+
+    /// Whether the tag takes part in choosing the package set version.
+    pub fn uses_tag(&self) -> bool {
+        matches!(self, PackageSource::Git(_))
+    }
+}
+
+fn is_commit(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// One line naming the key that is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Settings {
+    /// Reads the built-in defaults, `NIXERY_CONFIG`, and the given environment.
+    pub fn load(env: &HashMap<String, String>) -> Result<Settings, ConfigError> {
+        use config::{Config, Environment, File, FileFormat};
+        let mut builder =
+            Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        if let Some(path) = env.get("NIXERY_CONFIG").filter(|p| !p.is_empty()) {
+            builder = builder.add_source(File::new(path, FileFormat::Toml).required(true));
+        }
+        // Only NIXERY_<SECTION>__<KEY> reaches the generic mapping; single-underscore
+        // NIXERY_ names are the aliases below and would otherwise read as unknown keys.
+        let generic: HashMap<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("NIXERY_") && k[7..].contains("__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix("NIXERY")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(generic)),
+        );
+        for (var, key) in ENV_ALIASES {
+            if let Some(value) = env.get(var) {
+                builder = builder
+                    .set_override(key, value.clone())
+                    .map_err(|e| ConfigError(format!("{var}: {e}")))?;
+            }
+        }
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.package_source()?;
+        let err = |key: &str, why: &str| Err(ConfigError(format!("{key}: {why}")));
+        match self.storage.backend.as_str() {
+            "filesystem" if self.storage.path.is_empty() => {
+                return err(
+                    "storage.path (STORAGE_PATH)",
+                    "required for the filesystem backend",
+                )
+            }
+            "gcs" if self.storage.bucket.is_empty() => {
+                return err(
+                    "storage.bucket (GCS_BUCKET)",
+                    "required for the gcs backend",
+                )
+            }
+            "filesystem" | "gcs" => {}
+            other => {
+                return err(
+                    "storage.backend (NIXERY_STORAGE_BACKEND)",
+                    &format!("unknown backend {other:?}, expected \"filesystem\" or \"gcs\""),
+                )
+            }
+        }
+        if !(1..=9).contains(&self.layers.gzip_level) {
+            return err("layers.gzip_level", "must be between 1 and 9");
+        }
+        if self.layers.budget == 0 {
+            return err("layers.budget", "must be at least 1");
+        }
+        if self.nix.timeout_secs == 0 {
+            return err("nix.timeout_secs (NIX_TIMEOUT)", "must be at least 1");
+        }
+        if self.storage.upload_concurrency == 0 {
+            return err("storage.upload_concurrency", "must be at least 1");
+        }
+        if self.limits.max_packages == 0 || self.limits.max_name_length == 0 {
+            return err(
+                "limits",
+                "max_packages and max_name_length must be at least 1",
+            );
+        }
+        Ok(())
+    }
+
+    pub fn package_source(&self) -> Result<PackageSource, ConfigError> {
+        let s = &self.source;
+        let set: Vec<PackageSource> = [
+            (!s.channel.is_empty()).then(|| PackageSource::Channel(s.channel.clone())),
+            (!s.repo.is_empty()).then(|| PackageSource::Git(s.repo.clone())),
+            (!s.path.is_empty()).then(|| PackageSource::Path(s.path.clone())),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        match set.as_slice() {
+            [one] => {
+                if let PackageSource::Path(p) = one {
+                    if !std::path::Path::new(p).is_absolute() {
+                        return Err(ConfigError(format!(
+                            "source.path (NIXERY_PKGS_PATH): {p:?} must be an absolute path"
+                        )));
+                    }
+                }
+                Ok(one.clone())
+            }
+            [] => Err(ConfigError(
+                "source: no package source; set one of NIXERY_CHANNEL, NIXERY_PKGS_REPO or NIXERY_PKGS_PATH".into(),
+            )),
+            _ => Err(ConfigError(
+                "source: more than one package source; set only one of NIXERY_CHANNEL, NIXERY_PKGS_REPO, NIXERY_PKGS_PATH".into(),
+            )),
+        }
+    }
+
+    /// Nix worker count, with 0 meaning one per CPU.
+    pub fn nix_workers(&self) -> usize {
+        if self.nix.workers == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            self.nix.workers
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_need_a_source() {
+        let e = Settings::load(&env(&[])).unwrap_err().to_string();
+        assert!(e.contains("NIXERY_PKGS_PATH"), "{e}");
+    }
+
+    #[test]
+    fn go_names_and_generic_keys_override() {
+        let s = Settings::load(&env(&[
+            ("NIXERY_PKGS_PATH", "/pkgs"),
+            ("PORT", "5000"),
+            ("NIX_TIMEOUT", "7"),
+            ("NIXERY_NIX__QUEUE_LIMIT", "3"),
+            ("NIXERY_LAYERS__GZIP_LEVEL", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(s.server.port, 5000);
+        assert_eq!(s.nix.timeout_secs, 7);
+        assert_eq!(s.nix.queue_limit, 3);
+        assert_eq!(s.layers.gzip_level, 1);
+        assert_eq!(
+            s.package_source().unwrap(),
+            PackageSource::Path("/pkgs".into())
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (pairs, key) in [
+            (vec![("PORT", "http")], "port"),
+            (vec![("NIXERY_STORAGE_BACKEND", "s4")], "storage.backend"),
+            (vec![("NIXERY_LAYERS__GZIP_LEVEL", "12")], "gzip_level"),
+            (vec![("NIXERY_STORAGE_BACKEND", "gcs")], "GCS_BUCKET"),
+            (vec![("NIXERY_CHANNEL", "nixos-unstable")], "more than one"),
+        ] {
+            let mut all = vec![("NIXERY_PKGS_PATH", "/pkgs")];
+            all.extend(pairs);
+            let e = Settings::load(&env(&all)).unwrap_err().to_string();
+            assert!(e.contains(key), "{e} should name {key}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+        let rel = Settings::load(&env(&[("NIXERY_PKGS_PATH", "pkgs")]))
+            .unwrap_err()
+            .to_string();
+        assert!(rel.contains("absolute"), "{rel}");
+    }
+
+    #[test]
+    fn tags_select_git_revisions() {
+        let git = PackageSource::Git("https://example.org/pkgs.git".into());
+        let (latest, pinned) = git.for_tag("latest");
+        assert!(!pinned);
+        assert_eq!(latest.src_args, r#"{"url":"https://example.org/pkgs.git"}"#);
+        let rev = "0123456789abcdef0123456789abcdef01234567";
+        let (args, pinned) = git.for_tag(rev);
+        assert!(pinned);
+        assert!(args.src_args.contains(&format!(r#""rev":"{rev}""#)));
+        let (branch, _) = git.for_tag("release-1");
+        assert!(branch.src_args.contains(r#""ref":"release-1""#));
+        let (_, pinned) = PackageSource::Channel(rev.into()).for_tag("x");
+        assert!(pinned);
+        let (_, pinned) = PackageSource::Path("/p".into()).for_tag(rev);
+        assert!(!pinned);
+    }
+}

@@ -1,0 +1,239 @@
+//! Every failure a client can see, mapped in one place to an HTTP status and a
+//! distribution-spec error code, always as the JSON error envelope.
+//!
+//! 4xx carries the useful message: docker, podman and skopeo print the message of a
+//! 4xx answer and drop that of a 5xx one, so package and build failures are 4xx.
+
+use crate::image::ImageError;
+use crate::reference::RouteError;
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+use std::fmt;
+
+/// Why building an image failed; shared by every request waiting on the build.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BuildError {
+    #[error("Could not find Nix packages: {}", .0.join(", "))]
+    NotFound(Vec<String>),
+    #[error("Not packages (attributes that are not derivations): {}", .0.join(", "))]
+    NotPackages(Vec<String>),
+    #[error("Nix could not evaluate the packages:\n{0}")]
+    EvalFailed(String),
+    #[error("Nix build failed:\n{0}")]
+    BuildFailed(String),
+    #[error("{what} exceeded its time limit of {secs} s{}", tail_suffix(.tail))]
+    Timeout {
+        what: &'static str,
+        secs: u64,
+        tail: String,
+    },
+    #[error("image is {size} bytes, more than the limit of {max} bytes")]
+    TooLarge { size: u64, max: u64 },
+    #[error("too many builds waiting; try again shortly")]
+    Overloaded { retry_after_secs: u64 },
+    #[error("storage failure: {0}")]
+    Storage(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn tail_suffix(tail: &str) -> String {
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!(":\n{tail}")
+    }
+}
+
+/// A registry error response: status, spec code and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl RegistryError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        RegistryError {
+            status,
+            code,
+            message: message.into(),
+            retry_after_secs: None,
+        }
+    }
+
+    pub fn blob_unknown(digest: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "BLOB_UNKNOWN",
+            format!("blob unknown to registry: {digest}"),
+        )
+    }
+
+    pub fn manifest_unknown(what: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            format!("manifest unknown: {what}"),
+        )
+    }
+
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED", message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", message)
+    }
+}
+
+impl fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.status.as_u16(),
+            self.code,
+            self.message
+        )
+    }
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    errors: [Entry<'a>; 1],
+}
+
+#[derive(Serialize)]
+struct Entry<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl ResponseError for RegistryError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let body = serde_json::to_vec(&Envelope {
+            errors: [Entry {
+                code: self.code,
+                message: &self.message,
+            }],
+        })
+        .unwrap_or_else(|_| br#"{"errors":[{"code":"UNKNOWN","message":"error"}]}"#.to_vec());
+        let mut response = HttpResponse::build(self.status);
+        response
+            .insert_header((header::CONTENT_TYPE, "application/json"))
+            .insert_header(("Docker-Distribution-API-Version", "registry/2.0"));
+        if let Some(secs) = self.retry_after_secs {
+            response.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        response.body(body)
+    }
+}
+
+impl From<RouteError> for RegistryError {
+    fn from(e: RouteError) -> Self {
+        let (status, code) = match &e {
+            RouteError::NameInvalid(_) | RouteError::NameTooLong(_) => {
+                (StatusCode::BAD_REQUEST, "NAME_INVALID")
+            }
+            RouteError::TagInvalid => (StatusCode::BAD_REQUEST, "MANIFEST_INVALID"),
+            RouteError::DigestInvalid => (StatusCode::BAD_REQUEST, "DIGEST_INVALID"),
+            RouteError::DigestUnsupported => (StatusCode::BAD_REQUEST, "UNSUPPORTED"),
+            RouteError::UnknownRoute => (StatusCode::NOT_FOUND, "UNSUPPORTED"),
+        };
+        RegistryError::new(status, code, e.to_string())
+    }
+}
+
+impl From<ImageError> for RegistryError {
+    fn from(e: ImageError) -> Self {
+        RegistryError::new(StatusCode::BAD_REQUEST, "NAME_INVALID", e.to_string())
+    }
+}
+
+impl From<BuildError> for RegistryError {
+    fn from(e: BuildError) -> Self {
+        let message = e.to_string();
+        let (status, code) = match &e {
+            BuildError::NotFound(_) | BuildError::NotPackages(_) => {
+                (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
+            }
+            BuildError::EvalFailed(_)
+            | BuildError::BuildFailed(_)
+            | BuildError::Timeout { .. }
+            | BuildError::TooLarge { .. } => (StatusCode::BAD_REQUEST, "MANIFEST_INVALID"),
+            BuildError::Overloaded { retry_after_secs } => {
+                let mut err =
+                    RegistryError::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", message);
+                err.retry_after_secs = Some(*retry_after_secs);
+                return err;
+            }
+            BuildError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            BuildError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+        };
+        RegistryError::new(status, code, message)
+    }
+}
+
+impl From<actix::MailboxError> for RegistryError {
+    fn from(e: actix::MailboxError) -> Self {
+        RegistryError::internal(format!("build service unavailable: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::body::MessageBody;
+
+    fn body(e: RegistryError) -> (u16, String, Option<String>) {
+        let r = e.error_response();
+        let status = r.status().as_u16();
+        let ct = r
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(ct, "application/json");
+        let retry = r
+            .headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.to_str().unwrap().to_string());
+        let bytes = r.into_body().try_into_bytes().unwrap();
+        (status, String::from_utf8(bytes.to_vec()).unwrap(), retry)
+    }
+
+    #[test]
+    fn envelopes() {
+        let (s, b, _) = body(BuildError::NotFound(vec!["a".into(), "b".into()]).into());
+        assert_eq!(s, 404);
+        assert_eq!(
+            b,
+            r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"Could not find Nix packages: a, b"}]}"#
+        );
+        let (s, b, _) = body(BuildError::BuildFailed("error: \"quoted\"".into()).into());
+        assert_eq!(s, 400);
+        assert!(b.contains(r#"Nix build failed:\nerror: \"quoted\""#), "{b}");
+        let (s, _, retry) = body(
+            BuildError::Overloaded {
+                retry_after_secs: 5,
+            }
+            .into(),
+        );
+        assert_eq!((s, retry.as_deref()), (429, Some("5")));
+        let (s, b, _) = body(RouteError::DigestInvalid.into());
+        assert_eq!(s, 400);
+        assert!(b.contains("DIGEST_INVALID"));
+        let (s, _, _) = body(BuildError::Storage("down".into()).into());
+        assert_eq!(s, 503);
+    }
+}

@@ -1,0 +1,291 @@
+//! The HTTP edge: the read-only registry API under `/v2/`, the page at `/`, and the
+//! build status as JSON. Handlers parse, ask the caches or the actors, and shape
+//! responses; GET and HEAD share every code path so their headers always agree.
+
+use crate::actors::coordinator::{request_key, BuildCoordinator, GetImage, SharedState};
+use crate::actors::signer::{BlobAccess, LocateBlob, SignerActor};
+use crate::config::{Limits, PackageSource};
+use crate::error::RegistryError;
+use crate::image::ImageRequest;
+use crate::manifest::{self, ManifestFormat};
+use crate::reference::{parse_route, Digest, Reference, Route};
+use crate::storage::Storage;
+use actix::Addr;
+use actix_web::body::{BoxBody, EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{header, Method, StatusCode};
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::Bytes;
+use std::sync::Arc;
+
+/// Manifests are small; anything larger stored under a digest is a layer.
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
+pub struct AppState {
+    pub coordinator: Addr<BuildCoordinator>,
+    pub signer: Addr<SignerActor>,
+    pub storage: Arc<Storage>,
+    pub shared: Arc<SharedState>,
+    pub source: PackageSource,
+    pub limits: Limits,
+}
+
+/// The route table, shared by `main` and the tests.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/", web::get().to(index))
+        .route("/builds", web::get().to(builds))
+        .route("/builds/{image:.*}", web::get().to(build_of))
+        .default_service(web::to(dispatch));
+}
+
+const INDEX_HTML: &str = include_str!("../web/index.html");
+
+async fn index() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(INDEX_HTML)
+}
+
+async fn builds(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({
+        "builds": state.shared.builds(),
+        "failures": state.shared.recent_failures(),
+    }))
+}
+
+async fn build_of(state: web::Data<AppState>, image: web::Path<String>) -> HttpResponse {
+    let image = image.into_inner();
+    let builds: Vec<_> = state
+        .shared
+        .builds()
+        .into_iter()
+        .filter(|b| b.image == image)
+        .collect();
+    let failures: Vec<_> = state
+        .shared
+        .recent_failures()
+        .into_iter()
+        .filter(|f| f.image == image)
+        .collect();
+    HttpResponse::Ok().json(serde_json::json!({ "builds": builds, "failures": failures }))
+}
+
+async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if req.path() != "/v2" && !req.path().starts_with("/v2/") {
+        return RegistryError::new(StatusCode::NOT_FOUND, "UNSUPPORTED", "not found").respond();
+    }
+    match registry(&req, &state).await {
+        Ok(response) => response,
+        Err(e) => {
+            if e.status.is_server_error() {
+                log::error!("{} {}: {e}", req.method(), req.path());
+            }
+            e.respond()
+        }
+    }
+}
+
+async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, RegistryError> {
+    let head = match *req.method() {
+        Method::GET => false,
+        Method::HEAD => true,
+        _ => {
+            return Err(RegistryError::unsupported(format!(
+                "{} is not supported: this registry builds images and accepts no uploads",
+                req.method()
+            )))
+        }
+    };
+    match parse_route(req.path(), state.limits.max_name_length)? {
+        Route::Base => Ok(HttpResponse::Ok()
+            .insert_header(("Docker-Distribution-API-Version", "registry/2.0"))
+            .content_type("application/json")
+            .body("{}")),
+        Route::TagsList { name } => {
+            ImageRequest::from_name(&name, state.limits.max_packages)?;
+            Ok(HttpResponse::Ok()
+                .insert_header(("Docker-Distribution-API-Version", "registry/2.0"))
+                .json(serde_json::json!({ "name": name, "tags": ["latest"] })))
+        }
+        Route::Manifest {
+            name,
+            reference: Reference::Tag(tag),
+        } => {
+            let request = ImageRequest::from_name(&name, state.limits.max_packages)?;
+            let (source, pinned) = state.source.for_tag(&tag);
+            let format = ManifestFormat::negotiate(
+                req.headers()
+                    .get_all(header::ACCEPT)
+                    .filter_map(|v| v.to_str().ok()),
+            );
+            let key = request_key(&request, &source);
+            let image = match state.shared.cached_image(&key) {
+                Some(image) => image,
+                None => {
+                    state
+                        .coordinator
+                        .send(GetImage {
+                            request,
+                            source,
+                            pinned,
+                        })
+                        .await??
+                }
+            };
+            let m = image.manifest(format);
+            Ok(manifest_response(format, &m.digest, m.bytes.clone(), head))
+        }
+        Route::Manifest {
+            reference: Reference::Digest(digest),
+            ..
+        } => {
+            let bytes = match state.shared.manifest_by_digest(&digest) {
+                Some(bytes) => bytes,
+                None => stored_manifest(state, &digest).await?,
+            };
+            let format = manifest::declared_media_type(&bytes)
+                .ok_or_else(|| RegistryError::manifest_unknown(&digest.to_string()))?;
+            Ok(manifest_response(format, &digest, bytes, head))
+        }
+        Route::Blob { digest, .. } => blob(req, state, digest).await,
+    }
+}
+
+async fn stored_manifest(state: &AppState, digest: &Digest) -> Result<Bytes, RegistryError> {
+    let unknown = || RegistryError::manifest_unknown(&digest.to_string());
+    let storage_error = |e| {
+        RegistryError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            format!("{e}"),
+        )
+    };
+    match state
+        .storage
+        .blob_size(digest)
+        .await
+        .map_err(storage_error)?
+    {
+        Some(size) if size <= MAX_MANIFEST_BYTES => {}
+        _ => return Err(unknown()),
+    }
+    let bytes = state
+        .storage
+        .read_blob(digest)
+        .await
+        .map_err(storage_error)?
+        .ok_or_else(unknown)?;
+    if manifest::declared_media_type(&bytes).is_none() {
+        return Err(unknown());
+    }
+    state
+        .shared
+        .remember_manifest(digest.clone(), bytes.clone());
+    Ok(bytes)
+}
+
+fn manifest_response(
+    format: ManifestFormat,
+    digest: &Digest,
+    bytes: Bytes,
+    head: bool,
+) -> HttpResponse {
+    let mut response = HttpResponse::Ok();
+    response
+        .insert_header((header::CONTENT_TYPE, format.media_type()))
+        .insert_header(("Docker-Content-Digest", digest.to_string()))
+        .insert_header(("Docker-Distribution-API-Version", "registry/2.0"))
+        .insert_header((header::ETAG, format!("\"{digest}\"")));
+    // actix-web drops the body of a HEAD response but keeps its Content-Length, so
+    // HEAD and GET always agree on it.
+    let _ = head;
+    response.body(bytes)
+}
+
+async fn blob(
+    req: &HttpRequest,
+    state: &AppState,
+    digest: Digest,
+) -> Result<HttpResponse, RegistryError> {
+    let storage_error = |e| {
+        RegistryError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            format!("{e}"),
+        )
+    };
+    if state
+        .storage
+        .blob_size(&digest)
+        .await
+        .map_err(storage_error)?
+        .is_none()
+    {
+        return Err(RegistryError::blob_unknown(&digest.to_string()));
+    }
+    let access = state
+        .signer
+        .send(LocateBlob {
+            location: state.storage.locate(&digest),
+        })
+        .await?
+        .map_err(|e| RegistryError::internal(format!("cannot sign blob URL: {e}")))?;
+    match access {
+        BlobAccess::Redirect(url) => Ok(HttpResponse::TemporaryRedirect()
+            .insert_header((header::LOCATION, url))
+            .insert_header(("Docker-Content-Digest", digest.to_string()))
+            .insert_header(("Docker-Distribution-API-Version", "registry/2.0"))
+            .finish()),
+        BlobAccess::Stream(path) => {
+            let file = actix_files::NamedFile::open_async(&path)
+                .await
+                .map_err(|_| RegistryError::blob_unknown(&digest.to_string()))?
+                .disable_content_disposition()
+                .use_last_modified(false)
+                .set_content_type("application/octet-stream".parse().expect("a media type"));
+            let mut response = file.into_response(req);
+            response.headers_mut().insert(
+                header::HeaderName::from_static("docker-content-digest"),
+                header::HeaderValue::from_str(&digest.to_string()).expect("digest is ascii"),
+            );
+            Ok(response)
+        }
+    }
+}
+
+/// Refuses request heads larger than the configured limit with a registry error.
+pub async fn limit_head(
+    req: ServiceRequest,
+    next: actix_web::middleware::Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody, BoxBody>>, actix_web::Error> {
+    let max = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.limits.max_header_bytes)
+        .unwrap_or(usize::MAX);
+    let size = req.uri().to_string().len()
+        + req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if size > max {
+        let e = RegistryError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "UNSUPPORTED",
+            format!("request head of {size} bytes exceeds the limit of {max} bytes"),
+        );
+        let response = actix_web::ResponseError::error_response(&e);
+        return Ok(req.into_response(response).map_into_right_body());
+    }
+    next.call(req).await.map(|r| r.map_into_left_body())
+}
+
+trait Respond {
+    fn respond(&self) -> HttpResponse;
+}
+
+impl Respond for RegistryError {
+    fn respond(&self) -> HttpResponse {
+        actix_web::ResponseError::error_response(self)
+    }
+}

@@ -1,0 +1,287 @@
+//! Image config and manifest bytes, their digests, and the choice between the Docker
+//! schema 2 and OCI manifest formats from a request's `Accept` header lines.
+//!
+//! Pure: no I/O, no actix. Output bytes depend only on the inputs (struct field
+//! order fixes the JSON key order), so the same image always has the same digests.
+
+use crate::image::Arch;
+use serde::Serialize;
+
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+/// Which manifest format a response carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ManifestFormat {
+    Docker,
+    Oci,
+}
+
+impl ManifestFormat {
+    pub fn media_type(self) -> &'static str {
+        match self {
+            ManifestFormat::Docker => DOCKER_MANIFEST,
+            ManifestFormat::Oci => OCI_MANIFEST,
+        }
+    }
+
+    pub fn from_media_type(media_type: &str) -> Option<Self> {
+        match media_type {
+            DOCKER_MANIFEST => Some(ManifestFormat::Docker),
+            OCI_MANIFEST => Some(ManifestFormat::Oci),
+            _ => None,
+        }
+    }
+
+    /// Picks the format from every `Accept` header line of a request (clients send
+    /// several lines, or one comma-joined line). Docker schema 2 is preferred when
+    /// accepted because every client reads it; OCI when only OCI is named; Docker
+    /// schema 2 again when nothing we make is named, as the most widely understood.
+    pub fn negotiate<'a>(accept_lines: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut oci = false;
+        for line in accept_lines {
+            for item in line.split(',') {
+                let media = item.split(';').next().unwrap_or("").trim();
+                if media.eq_ignore_ascii_case(DOCKER_MANIFEST) {
+                    return ManifestFormat::Docker;
+                }
+                if media.eq_ignore_ascii_case(OCI_MANIFEST) {
+                    oci = true;
+                }
+            }
+        }
+        if oci {
+            ManifestFormat::Oci
+        } else {
+            ManifestFormat::Docker
+        }
+    }
+}
+
+/// One layer as the manifest and the config see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct LayerEntry {
+    pub digest: String,
+    pub diff_id: String,
+    pub size: u64,
+}
+
+/// What goes into the image config besides the layers.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeConfig {
+    pub env: Vec<String>,
+    pub cmd: Option<Vec<String>>,
+}
+
+#[derive(Serialize)]
+struct ConfigFile<'a> {
+    architecture: &'a str,
+    config: ContainerConfig<'a>,
+    os: &'a str,
+    rootfs: RootFs<'a>,
+}
+
+#[derive(Serialize)]
+struct ContainerConfig<'a> {
+    #[serde(rename = "Env")]
+    env: &'a [String],
+    #[serde(rename = "Cmd", skip_serializing_if = "Option::is_none")]
+    cmd: Option<&'a [String]>,
+}
+
+#[derive(Serialize)]
+struct RootFs<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    diff_ids: Vec<&'a str>,
+}
+
+/// The image config blob. The same bytes serve both manifest formats; only the
+/// descriptor's media type differs.
+pub fn config_blob(arch: Arch, layers: &[LayerEntry], runtime: &RuntimeConfig) -> Vec<u8> {
+    let config = ConfigFile {
+        architecture: arch.oci(),
+        config: ContainerConfig {
+            env: &runtime.env,
+            cmd: runtime.cmd.as_deref(),
+        },
+        os: "linux",
+        rootfs: RootFs {
+            kind: "layers",
+            diff_ids: layers.iter().map(|l| l.diff_id.as_str()).collect(),
+        },
+    };
+    serde_json::to_vec(&config).expect("config serialises")
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Manifest<'a> {
+    schema_version: u32,
+    media_type: &'a str,
+    config: Descriptor<'a>,
+    layers: Vec<Descriptor<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Descriptor<'a> {
+    media_type: &'a str,
+    size: u64,
+    digest: &'a str,
+}
+
+/// The manifest bytes for one format; `config_digest` and `config_size` describe the
+/// blob from [`config_blob`]. The manifest carries its own `mediaType` so that it can
+/// be served by digest without remembering the format elsewhere.
+pub fn manifest_bytes(
+    format: ManifestFormat,
+    config_digest: &str,
+    config_size: u64,
+    layers: &[LayerEntry],
+) -> Vec<u8> {
+    let (config_type, layer_type) = match format {
+        ManifestFormat::Docker => (DOCKER_CONFIG, DOCKER_LAYER),
+        ManifestFormat::Oci => (OCI_CONFIG, OCI_LAYER),
+    };
+    let manifest = Manifest {
+        schema_version: 2,
+        media_type: format.media_type(),
+        config: Descriptor {
+            media_type: config_type,
+            size: config_size,
+            digest: config_digest,
+        },
+        layers: layers
+            .iter()
+            .map(|l| Descriptor {
+                media_type: layer_type,
+                size: l.size,
+                digest: &l.digest,
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&manifest).expect("manifest serialises")
+}
+
+/// The media type a stored manifest declares, for serving it by digest.
+pub fn declared_media_type(bytes: &[u8]) -> Option<ManifestFormat> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Head {
+        media_type: Option<String>,
+    }
+    let head: Head = serde_json::from_slice(bytes).ok()?;
+    ManifestFormat::from_media_type(head.media_type.as_deref()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layers() -> Vec<LayerEntry> {
+        vec![
+            LayerEntry {
+                digest: format!("sha256:{}", "a".repeat(64)),
+                diff_id: format!("sha256:{}", "b".repeat(64)),
+                size: 10,
+            },
+            LayerEntry {
+                digest: format!("sha256:{}", "c".repeat(64)),
+                diff_id: format!("sha256:{}", "d".repeat(64)),
+                size: 20,
+            },
+        ]
+    }
+
+    #[test]
+    fn config_bytes_are_exact() {
+        let runtime = RuntimeConfig {
+            env: vec!["PATH=/bin".into()],
+            cmd: Some(vec!["bash".into()]),
+        };
+        let got = String::from_utf8(config_blob(Arch::Amd64, &layers(), &runtime)).unwrap();
+        let want = format!(
+            r#"{{"architecture":"amd64","config":{{"Env":["PATH=/bin"],"Cmd":["bash"]}},"os":"linux","rootfs":{{"type":"layers","diff_ids":["sha256:{}","sha256:{}"]}}}}"#,
+            "b".repeat(64),
+            "d".repeat(64)
+        );
+        assert_eq!(got, want);
+        let no_cmd = config_blob(Arch::Arm64, &[], &RuntimeConfig::default());
+        assert_eq!(
+            String::from_utf8(no_cmd).unwrap(),
+            r#"{"architecture":"arm64","config":{"Env":[]},"os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#
+        );
+    }
+
+    #[test]
+    fn docker_manifest_bytes_are_exact() {
+        let cfg = format!("sha256:{}", "e".repeat(64));
+        let got =
+            String::from_utf8(manifest_bytes(ManifestFormat::Docker, &cfg, 5, &layers())).unwrap();
+        let want = format!(
+            concat!(
+                r#"{{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","#,
+                r#""config":{{"mediaType":"application/vnd.docker.container.image.v1+json","size":5,"digest":"{cfg}"}},"#,
+                r#""layers":[{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","size":10,"digest":"sha256:{a}"}},"#,
+                r#"{{"mediaType":"application/vnd.docker.image.rootfs.diff.tar.gzip","size":20,"digest":"sha256:{c}"}}]}}"#
+            ),
+            cfg = cfg,
+            a = "a".repeat(64),
+            c = "c".repeat(64)
+        );
+        assert_eq!(got, want);
+        assert_eq!(
+            declared_media_type(got.as_bytes()),
+            Some(ManifestFormat::Docker)
+        );
+    }
+
+    #[test]
+    fn oci_manifest_uses_oci_types() {
+        let bytes = manifest_bytes(ManifestFormat::Oci, "sha256:x", 1, &layers());
+        let s = String::from_utf8(bytes.clone()).unwrap();
+        assert!(s.contains(OCI_CONFIG) && s.contains(OCI_LAYER) && !s.contains("docker"));
+        assert_eq!(declared_media_type(&bytes), Some(ManifestFormat::Oci));
+        assert_eq!(
+            bytes,
+            manifest_bytes(ManifestFormat::Oci, "sha256:x", 1, &layers())
+        );
+    }
+
+    #[test]
+    fn negotiation() {
+        use ManifestFormat::*;
+        let cases: Vec<(Vec<&str>, ManifestFormat)> = vec![
+            (vec![], Docker),
+            (vec!["*/*"], Docker),
+            (vec![OCI_MANIFEST, DOCKER_MANIFEST], Docker),
+            (
+                vec![&format!(
+                    "{OCI_MANIFEST}, application/vnd.oci.image.index.v1+json"
+                )],
+                Oci,
+            ),
+            (vec![&format!("{DOCKER_MANIFEST}, */*")], Docker),
+            (
+                vec!["application/vnd.oci.image.manifest.v1+json; q=0.5"],
+                Oci,
+            ),
+            (
+                vec!["application/vnd.docker.distribution.manifest.v1+prettyjws"],
+                Docker,
+            ),
+        ];
+        for (lines, want) in cases {
+            assert_eq!(
+                ManifestFormat::negotiate(lines.iter().copied()),
+                want,
+                "{lines:?}"
+            );
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! What the server asks Nix and how it reads the answers: argument lists for
+//! `nix-instantiate` and `nix-store`, and parsers for their output.
+//!
+//! Pure: no processes are started here (the NixWorker actor does that), so every
+//! parser is tested on captured output without Nix.
+
+use crate::layers::StorePathInfo;
+use serde::Deserialize;
+
+/// The expression that resolves an image's packages; written next to the storage at
+/// start-up so `nix-instantiate` can read it from a file.
+pub const PREPARE_IMAGE_NIX: &str = include_str!("nix/prepare-image.nix");
+
+/// Where the package set comes from, as passed to the expression.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct SourceArgs {
+    pub src_type: &'static str,
+    pub src_args: String,
+}
+
+/// `nix-instantiate` arguments that evaluate which derivations make up an image.
+/// The package names travel as JSON in an `--argstr`, never as Nix code.
+pub fn eval_args(
+    expr_file: &str,
+    source: &SourceArgs,
+    system: &str,
+    packages: &[String],
+    optional: &[String],
+) -> Vec<String> {
+    let json = |v: &[String]| serde_json::to_string(v).expect("string lists serialise");
+    vec![
+        "--eval".into(),
+        "--strict".into(),
+        "--json".into(),
+        // Evaluating drvPath must write the .drv files so nix-store can realise them.
+        "--read-write-mode".into(),
+        expr_file.into(),
+        "--argstr".into(),
+        "srcType".into(),
+        source.src_type.into(),
+        "--argstr".into(),
+        "srcArgs".into(),
+        source.src_args.clone(),
+        "--argstr".into(),
+        "system".into(),
+        system.into(),
+        "--argstr".into(),
+        "packages".into(),
+        json(packages),
+        "--argstr".into(),
+        "optional".into(),
+        json(optional),
+        "-A".into(),
+        "info".into(),
+    ]
+}
+
+/// One resolved package: the derivation and the output that goes into the image.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolvedPackage {
+    pub name: String,
+    pub drv_path: String,
+    pub output: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Evaluation {
+    pub missing: Vec<String>,
+    pub not_packages: Vec<String>,
+    pub packages: Vec<ResolvedPackage>,
+}
+
+impl Evaluation {
+    /// The top-level output paths, sorted and unique: what identifies the image's
+    /// contents independently of how the packages were named.
+    pub fn output_paths(&self) -> Vec<String> {
+        let mut paths: Vec<String> = self.packages.iter().map(|p| p.path.clone()).collect();
+        paths.sort();
+        paths.dedup();
+        paths
+    }
+}
+
+pub fn parse_evaluation(stdout: &[u8]) -> Result<Evaluation, String> {
+    serde_json::from_slice(stdout)
+        .map_err(|e| format!("unexpected output from nix-instantiate: {e}"))
+}
+
+/// `nix-store --realise` arguments: each derivation with just the output we use.
+pub fn realise_args(eval: &Evaluation, timeout_secs: u64) -> Vec<String> {
+    let mut targets: Vec<String> = eval
+        .packages
+        .iter()
+        .map(|p| format!("{}!{}", p.drv_path, p.output))
+        .collect();
+    targets.sort();
+    targets.dedup();
+    let mut args = vec![
+        "--realise".to_string(),
+        "--timeout".to_string(),
+        timeout_secs.to_string(),
+    ];
+    args.extend(targets);
+    args
+}
+
+/// Parses `nix-store --dump-db` output (the registration format that
+/// `nix-store --load-db` reads, stable across Nix versions): per path, the path,
+/// its nar hash, nar size, deriver, reference count and references.
+pub fn parse_registration(text: &str) -> Result<Vec<StorePathInfo>, String> {
+    let mut lines = text.lines();
+    let mut out = Vec::new();
+    let bad = |what: &str| format!("unexpected nix-store --dump-db output: {what}");
+    while let Some(path) = lines.next() {
+        if path.is_empty() {
+            continue;
+        }
+        let _nar_hash = lines.next().ok_or_else(|| bad("missing hash"))?;
+        let nar_size: u64 = lines
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .ok_or_else(|| bad("missing or bad size"))?;
+        let _deriver = lines.next().ok_or_else(|| bad("missing deriver"))?;
+        let count: usize = lines
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .ok_or_else(|| bad("missing or bad reference count"))?;
+        let mut references = Vec::with_capacity(count);
+        for _ in 0..count {
+            references.push(
+                lines
+                    .next()
+                    .ok_or_else(|| bad("missing reference"))?
+                    .to_string(),
+            );
+        }
+        out.push(StorePathInfo {
+            path: path.to_string(),
+            nar_size,
+            references,
+        });
+    }
+    Ok(out)
+}
+
+/// The part of Nix's error output a user needs: the last lines, without colour
+/// codes and without the noise of unreachable binary caches.
+pub fn error_tail(stderr: &[u8], max_bytes: usize) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let mut lines: Vec<String> = text
+        .lines()
+        .map(strip_ansi)
+        .filter(|l| {
+            let t = l.trim();
+            !t.is_empty()
+                && !t.contains("unable to download")
+                && !t.starts_with("warning: you did not specify '--add-root'")
+        })
+        .collect();
+    let mut total = 0;
+    let mut keep = 0;
+    for line in lines.iter().rev() {
+        if total + line.len() + 1 > max_bytes && keep > 0 {
+            break;
+        }
+        total += line.len() + 1;
+        keep += 1;
+    }
+    let tail = lines.split_off(lines.len() - keep);
+    let joined = tail.join("\n");
+    if joined.len() > max_bytes {
+        let mut cut = joined.len() - max_bytes;
+        while !joined.is_char_boundary(cut) {
+            cut += 1;
+        }
+        joined[cut..].to_string()
+    } else {
+        joined
+    }
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eval_args_carry_names_as_json() {
+        let src = SourceArgs {
+            src_type: "path",
+            src_args: "/pkgs".into(),
+        };
+        let args = eval_args(
+            "/x.nix",
+            &src,
+            "x86_64-linux",
+            &["a\"b".into(), "${x}".into()],
+            &["cacert".into()],
+        );
+        let i = args.iter().position(|a| a == "packages").unwrap();
+        assert_eq!(args[i + 1], r#"["a\"b","${x}"]"#);
+        assert_eq!(args[i - 1], "--argstr");
+        assert_eq!(&args[args.len() - 2..], ["-A", "info"]);
+    }
+
+    #[test]
+    fn parses_evaluation() {
+        let out = br#"{"missing":[],"notPackages":[],"packages":[{"drvPath":"/nix/store/a-hello.drv","name":"hello","output":"out","path":"/nix/store/b-hello"},{"drvPath":"/nix/store/c-m.drv","name":"m","output":"bin","path":"/nix/store/d-m-bin"}]}"#;
+        let e = parse_evaluation(out).unwrap();
+        assert_eq!(
+            e.output_paths(),
+            ["/nix/store/b-hello", "/nix/store/d-m-bin"]
+        );
+        assert_eq!(
+            realise_args(&e, 60),
+            [
+                "--realise",
+                "--timeout",
+                "60",
+                "/nix/store/a-hello.drv!out",
+                "/nix/store/c-m.drv!bin"
+            ]
+        );
+        let missing = parse_evaluation(
+            br#"{"missing":["nope","tools.nope"],"notPackages":["hello.drvpath"],"packages":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(missing.missing, ["nope", "tools.nope"]);
+        assert_eq!(missing.not_packages, ["hello.drvpath"]);
+        assert!(parse_evaluation(b"error").is_err());
+    }
+
+    #[test]
+    fn parses_registration() {
+        // Captured from `nix-store --dump-db` (Nix 2.8).
+        let text = "/nix/store/amjh-hello-1.0\n9b1e61\n616\n/nix/store/arv2-hello-1.0.drv\n2\n/nix/store/8hzb-busybox\n/nix/store/q9v7-libfoo-1.0\n/nix/store/8hzb-busybox\nabcd\n1982568\n\n0\n";
+        let infos = parse_registration(text).unwrap();
+        assert_eq!(infos.len(), 2);
+        assert_eq!(infos[0].nar_size, 616);
+        assert_eq!(
+            infos[0].references,
+            ["/nix/store/8hzb-busybox", "/nix/store/q9v7-libfoo-1.0"]
+        );
+        assert_eq!(infos[1].path, "/nix/store/8hzb-busybox");
+        assert!(infos[1].references.is_empty());
+        assert!(parse_registration("/nix/store/x\nh\nnotanumber\n").is_err());
+        assert!(parse_registration("/nix/store/x\nh\n1\n\n3\n/a\n").is_err());
+    }
+
+    #[test]
+    fn error_tail_keeps_the_end_without_noise() {
+        let stderr = b"warning: error: unable to download 'https://cache.nixos.org/nix-cache-info': x\n\x1b[31;1merror:\x1b[0m builder for 'x.drv' failed\nline two\n";
+        assert_eq!(
+            error_tail(stderr, 1000),
+            "error: builder for 'x.drv' failed\nline two"
+        );
+        let long = "x".repeat(50) + "\n" + &"y".repeat(50);
+        assert_eq!(error_tail(long.as_bytes(), 60), "y".repeat(50));
+        assert_eq!(error_tail("é".repeat(100).as_bytes(), 11).len() <= 11, true);
+    }
+}

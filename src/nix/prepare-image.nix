@@ -1,0 +1,78 @@
+# Resolves the packages of one image request in a package set and reports, as JSON,
+# each package's derivation and output path, or which names could not be resolved.
+#
+# Every argument arrives through `--argstr`. The requested names come as a JSON list
+# in `packages` and are only ever used as attribute names to look up; nothing from a
+# request is spliced into Nix code. Realising the derivations and reading the closure
+# graph is left to `nix-store`, so this file needs nothing from the package set but
+# the packages themselves.
+{ srcType, srcArgs, system, packages, optional ? "[]" }:
+
+let
+  inherit (builtins)
+    attrNames filter fromJSON hasAttr head isAttrs map match replaceStrings split tail;
+
+  source =
+    if srcType == "path" then srcArgs
+    else if srcType == "nixpkgs" then
+      builtins.fetchTarball "https://github.com/NixOS/nixpkgs/archive/${srcArgs}.tar.gz"
+    else if srcType == "git" then builtins.fetchGit (fromJSON srcArgs)
+    else throw "nixery: unknown package source type '${srcType}'";
+
+  pkgs = import source { inherit system; };
+
+  upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
+  lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
+  toLower = replaceStrings upper lower;
+
+  # Registry names are lower case, attribute names often are not (bashInteractive),
+  # and nixpkgs prefixes names that start with a digit with an underscore (_1password).
+  candidates = comp:
+    [ comp ] ++ (if match "[0-9].*" comp != null then [ "_${comp}" ] else [ ]);
+
+  lookupExact = set: names:
+    if names == [ ] then null
+    else if hasAttr (head names) set then set.${head names}
+    else lookupExact set (tail names);
+
+  lookupFolded = set: names:
+    let
+      folded = map toLower names;
+      hits = filter (n: builtins.elem (toLower n) folded) (attrNames set);
+    in if hits == [ ] then null else set.${head hits};
+
+  lookup = set: comp:
+    let exact = lookupExact set (candidates comp);
+    in if exact != null then exact else lookupFolded set (candidates comp);
+
+  components = name: filter (c: builtins.isString c) (split "\\." name);
+
+  resolvePath = set: comps:
+    if comps == [ ] then set
+    else if !(isAttrs set) then null
+    else
+      let next = lookup set (head comps);
+      in if next == null then null else resolvePath next (tail comps);
+
+  isDerivation = v: isAttrs v && (v.type or null) == "derivation";
+
+  resolve = name: { inherit name; value = resolvePath pkgs (components name); };
+  resolved = map resolve (fromJSON packages);
+  # Optional packages (cacert, iana-etc) join the image only where the set has them.
+  optionals = filter (r: r.value != null && isDerivation r.value) (map resolve (fromJSON optional));
+
+  missing = map (r: r.name) (filter (r: r.value == null) resolved);
+  notPackages = map (r: r.name) (filter (r: r.value != null && !(isDerivation r.value)) resolved);
+
+  describe = r: {
+    inherit (r) name;
+    drvPath = r.value.drvPath;
+    output = r.value.outputName or "out";
+    path = r.value.outPath;
+  };
+in
+{
+  info =
+    if missing != [ ] || notPackages != [ ] then { inherit missing notPackages; packages = [ ]; }
+    else { missing = [ ]; notPackages = [ ]; packages = map describe (resolved ++ optionals); };
+}

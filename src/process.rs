@@ -1,0 +1,157 @@
+//! Runs an external program with a wall-clock limit, draining stdout and stderr at the
+//! same time (so a chatty child can never block on a full pipe), and kills its whole
+//! process group when the limit passes, so builders started by Nix die with it.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+#[derive(Debug)]
+pub struct Output {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("could not start {program}: {source}")]
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
+    #[error("{program} exited with {status}")]
+    Failed {
+        program: String,
+        status: std::process::ExitStatus,
+        stderr: Vec<u8>,
+    },
+    #[error("{program} ran longer than {secs} s")]
+    TimedOut {
+        program: String,
+        secs: u64,
+        stderr: Vec<u8>,
+    },
+}
+
+pub fn run(program: &str, args: &[String], timeout: Duration) -> Result<Output, RunError> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|source| RunError::Spawn {
+            program: program.to_string(),
+            source,
+        })?;
+    let drain = |mut r: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf); // a read error just ends the capture
+            buf
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(2);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() >= deadline => break None,
+            Ok(None) => {
+                thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(_) => break None,
+        }
+    };
+    let Some(status) = status else {
+        kill_group(child.id());
+        let _ = child.wait();
+        let stderr = err.join().unwrap_or_default();
+        let _ = out.join();
+        return Err(RunError::TimedOut {
+            program: program.to_string(),
+            secs: timeout.as_secs(),
+            stderr,
+        });
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    if status.success() {
+        Ok(Output { stdout, stderr })
+    } else {
+        Err(RunError::Failed {
+            program: program.to_string(),
+            status,
+            stderr,
+        })
+    }
+}
+
+fn kill_group(pid: u32) {
+    // SAFETY: kill(2) with a negative pid signals the process group the child leads.
+    unsafe {
+        libc::kill(-(pid as i32), libc::SIGKILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Vec<String> {
+        vec!["-c".into(), script.into()]
+    }
+
+    #[test]
+    fn captures_both_streams_without_deadlock() {
+        // 1 MiB on each stream: more than a pipe buffer, so sequential reads would hang.
+        let out = run(
+            "sh",
+            &sh("head -c 1048576 /dev/zero; head -c 1048576 /dev/zero >&2"),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(out.stdout.len(), 1 << 20);
+        assert_eq!(out.stderr.len(), 1 << 20);
+    }
+
+    #[test]
+    fn failure_keeps_stderr() {
+        match run("sh", &sh("echo boom >&2; exit 3"), Duration::from_secs(5)) {
+            Err(RunError::Failed { stderr, status, .. }) => {
+                assert_eq!(stderr, b"boom\n");
+                assert_eq!(status.code(), Some(3));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn timeout_kills_the_group() {
+        let start = Instant::now();
+        match run(
+            "sh",
+            &sh("echo started >&2; sleep 30 & sleep 30; wait"),
+            Duration::from_millis(300),
+        ) {
+            Err(RunError::TimedOut { stderr, .. }) => assert_eq!(stderr, b"started\n"),
+            other => panic!("{other:?}"),
+        }
+        // The grandchild held stderr open; returning promptly shows it died too.
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn missing_program() {
+        assert!(matches!(
+            run("/nonexistent/prog", &[], Duration::from_secs(1)),
+            Err(RunError::Spawn { .. })
+        ));
+    }
+}

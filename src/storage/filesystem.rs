@@ -1,0 +1,158 @@
+//! The filesystem backend: objects are files under a root directory. Every write goes
+//! to a temporary name in `tmp/` and is renamed into place, so a crash never leaves a
+//! partial object under its final name. Media types are not stored: blobs are served
+//! as octet streams and manifests declare their own type.
+
+use super::{blob_object, StorageError};
+use crate::reference::Digest;
+use bytes::Bytes;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+pub struct FsStorage {
+    root: PathBuf,
+    spool: PathBuf,
+}
+
+impl FsStorage {
+    /// Creates the directory layout and clears temporaries a crash left behind.
+    pub fn open(root: &Path) -> Result<Self, StorageError> {
+        let spool = root.join("tmp");
+        for dir in [
+            root.join("blobs/sha256"),
+            root.join("records"),
+            spool.clone(),
+        ] {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| StorageError::io("create", dir.display().to_string(), e))?;
+        }
+        if let Ok(entries) = std::fs::read_dir(&spool) {
+            for entry in entries.flatten() {
+                // Leftovers of an interrupted build; nothing refers to them.
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(FsStorage {
+            root: root.to_path_buf(),
+            spool,
+        })
+    }
+
+    pub fn spool_dir(&self) -> &Path {
+        &self.spool
+    }
+
+    pub fn object_path(&self, object: &str) -> PathBuf {
+        self.root.join(object)
+    }
+
+    pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        let object = blob_object(digest);
+        match tokio::fs::metadata(self.object_path(&object)).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StorageError::io("stat", object, e)),
+        }
+    }
+
+    pub async fn put_blob_file(&self, digest: &Digest, file: &Path) -> Result<bool, StorageError> {
+        let object = blob_object(digest);
+        if self.blob_size(digest).await?.is_some() {
+            let _ = tokio::fs::remove_file(file).await; // the stored copy is identical
+            return Ok(false);
+        }
+        self.commit(file, &object).await?;
+        Ok(true)
+    }
+
+    pub async fn put_blob_bytes(
+        &self,
+        digest: &Digest,
+        bytes: Bytes,
+    ) -> Result<bool, StorageError> {
+        if self.blob_size(digest).await?.is_some() {
+            return Ok(false);
+        }
+        self.write_object(&blob_object(digest), bytes).await?;
+        Ok(true)
+    }
+
+    pub async fn read_object(&self, object: &str) -> Result<Option<Bytes>, StorageError> {
+        match tokio::fs::read(self.object_path(object)).await {
+            Ok(b) => Ok(Some(Bytes::from(b))),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StorageError::io("read", object, e)),
+        }
+    }
+
+    pub async fn write_object(&self, object: &str, bytes: Bytes) -> Result<(), StorageError> {
+        let tmp = self
+            .spool
+            .join(format!(".obj-{:016x}", rand::random::<u64>()));
+        let write = async {
+            let mut f = tokio::fs::File::create(&tmp).await?;
+            tokio::io::AsyncWriteExt::write_all(&mut f, &bytes).await?;
+            f.sync_data().await
+        };
+        if let Err(e) = write.await {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(StorageError::io("write", object, e));
+        }
+        self.commit(&tmp, object).await
+    }
+
+    async fn commit(&self, tmp: &Path, object: &str) -> Result<(), StorageError> {
+        let target = self.object_path(object);
+        if let Some(parent) = target.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| StorageError::io("create", object, e))?;
+        }
+        if let Err(e) = tokio::fs::rename(tmp, &target).await {
+            let _ = tokio::fs::remove_file(tmp).await;
+            return Err(StorageError::io("rename", object, e));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn objects_round_trip_and_blobs_are_not_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tmp-leftover"), b"x").unwrap();
+        let s = FsStorage::open(dir.path()).unwrap();
+        let d = Digest::from_hex(&"ab".repeat(32)).unwrap();
+        assert_eq!(s.blob_size(&d).await.unwrap(), None);
+        let spooled = s.spool_dir().join("layer");
+        std::fs::write(&spooled, b"hello").unwrap();
+        assert!(s.put_blob_file(&d, &spooled).await.unwrap());
+        assert_eq!(s.blob_size(&d).await.unwrap(), Some(5));
+        std::fs::write(&spooled, b"other").unwrap();
+        assert!(!s.put_blob_file(&d, &spooled).await.unwrap());
+        assert!(!spooled.exists());
+        assert_eq!(
+            s.read_object(&blob_object(&d)).await.unwrap().unwrap(),
+            Bytes::from_static(b"hello")
+        );
+        s.write_object("records/images/k.json", Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.read_object("records/images/k.json")
+                .await
+                .unwrap()
+                .unwrap(),
+            Bytes::from_static(b"{}")
+        );
+        assert!(s
+            .read_object("records/images/none.json")
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(std::fs::read_dir(s.spool_dir()).unwrap().count(), 0);
+    }
+}
