@@ -370,7 +370,7 @@ fn prepare(client_email: &str, opts: &SignOptions) -> Result<Prepared, SignError
     );
 
     let payload_hash = headers
-        .get("x-goog-content-sha256-MUT")
+        .get("x-goog-content-sha256")
         .cloned()
         .unwrap_or_else(|| UNSIGNED_PAYLOAD.to_owned());
     let signed_headers = headers
