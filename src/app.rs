@@ -106,6 +106,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         App::new()
             .app_data(state.clone())
             .wrap(middleware::from_fn(http::limit_head))
+            .wrap(middleware::from_fn(http::observe))
             .wrap(middleware::Logger::new("%a \"%r\" %s %b %Dms"))
             .configure(http::configure)
     })

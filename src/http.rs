@@ -33,6 +33,7 @@ pub struct AppState {
 /// The route table, shared by `main` and the tests.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(index))
+        .route("/metrics", web::get().to(metrics))
         .route("/builds", web::get().to(builds))
         .route("/builds/{image:.*}", web::get().to(build_of))
         .default_service(web::to(dispatch));
@@ -44,6 +45,12 @@ async fn index() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
         .body(INDEX_HTML)
+}
+
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.shared.stats.render())
 }
 
 async fn builds(state: web::Data<AppState>) -> HttpResponse {
@@ -251,6 +258,28 @@ async fn blob(
             Ok(response)
         }
     }
+}
+
+/// Counts every request by route, method and status, and times it.
+pub async fn observe(
+    req: ServiceRequest,
+    next: actix_web::middleware::Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = std::time::Instant::now();
+    let route = crate::metrics::route_label(req.path());
+    let method = req.method().as_str().to_string();
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let response = next.call(req).await?;
+    if let Some(state) = state {
+        let m = &state.shared.stats;
+        m.requests
+            .with_label_values(&[route, method.as_str(), response.status().as_str()])
+            .inc();
+        m.request_seconds
+            .with_label_values(&[route])
+            .observe(started.elapsed().as_secs_f64());
+    }
+    Ok(response)
 }
 
 /// Refuses request heads larger than the configured limit with a registry error.

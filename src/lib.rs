@@ -13,6 +13,7 @@ pub mod http;
 pub mod image;
 pub mod layers;
 pub mod manifest;
+pub mod metrics;
 pub mod nix;
 pub mod process;
 pub mod reference;

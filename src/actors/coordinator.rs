@@ -20,6 +20,7 @@ use crate::error::BuildError;
 use crate::image::ImageRequest;
 use crate::layers::{self, LayerParams, LayerPlan, Popularity};
 use crate::manifest::{self, LayerEntry, ManifestFormat, RuntimeConfig};
+use crate::metrics::Metrics;
 use crate::nix::{Evaluation, SourceArgs};
 use crate::reference::Digest;
 use crate::storage::{RecordKind, Storage, StorageError};
@@ -29,7 +30,6 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -78,23 +78,6 @@ impl BuiltImage {
     }
 }
 
-/// Counters that tests, logs and metrics read.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub builds_started: AtomicU64,
-    pub builds_deduplicated: AtomicU64,
-    pub builds_failed: AtomicU64,
-    pub builds_rejected: AtomicU64,
-    pub nix_evaluations: AtomicU64,
-    pub nix_realisations: AtomicU64,
-    pub layers_built: AtomicU64,
-    pub layers_reused: AtomicU64,
-    pub bytes_uploaded: AtomicU64,
-    pub cache_hits_tag: AtomicU64,
-    pub cache_hits_image: AtomicU64,
-    pub cache_hits_pinned: AtomicU64,
-}
-
 /// A build in progress, for the status page.
 #[derive(Debug, Clone, Serialize)]
 pub struct BuildProgress {
@@ -127,7 +110,7 @@ struct TagEntry {
 pub struct SharedState {
     tags: RwLock<HashMap<String, TagEntry>>,
     manifests: RwLock<HashMap<Digest, Bytes>>,
-    pub stats: Stats,
+    pub stats: Metrics,
     progress: Mutex<BTreeMap<String, BuildProgress>>,
     failures: Mutex<Vec<RecentFailure>>,
 }
@@ -140,7 +123,7 @@ impl SharedState {
         if entry.expires.is_some_and(|t| Instant::now() >= t) {
             return None;
         }
-        self.stats.cache_hits_tag.fetch_add(1, Ordering::Relaxed);
+        self.stats.cache_hit("tag");
         Some(entry.image.clone())
     }
 
@@ -292,19 +275,20 @@ impl Handler<GetImage> for BuildCoordinator {
         }
         let (tx, rx) = oneshot::channel();
         if let Some(waiters) = self.in_flight.get_mut(&key) {
-            stats.builds_deduplicated.fetch_add(1, Ordering::Relaxed);
+            stats.builds_deduplicated.inc();
             waiters.push(tx);
         } else {
             if self.in_flight.len() >= self.capacity {
-                stats.builds_rejected.fetch_add(1, Ordering::Relaxed);
+                stats.builds_rejected.inc();
                 return Box::pin(async {
                     Err(BuildError::Overloaded {
                         retry_after_secs: 10,
                     })
                 });
             }
-            stats.builds_started.fetch_add(1, Ordering::Relaxed);
+            stats.builds_started.inc();
             self.in_flight.insert(key.clone(), vec![tx]);
+            stats.builds_in_flight.set(self.in_flight.len() as i64);
             let context = self.context.clone();
             let me = ctx.address();
             let image = msg.request.display_name();
@@ -386,7 +370,7 @@ impl Handler<BuildFinished> for BuildCoordinator {
                 }
             }
             Err(e) => {
-                shared.stats.builds_failed.fetch_add(1, Ordering::Relaxed);
+                shared.stats.builds_failed.inc();
                 let mut failures = shared.failures.lock().expect("failures lock");
                 failures.insert(
                     0,
@@ -407,7 +391,12 @@ impl Handler<BuildFinished> for BuildCoordinator {
                 }
             }
         }
-        for waiter in self.in_flight.remove(&msg.key).unwrap_or_default() {
+        let waiters = self.in_flight.remove(&msg.key).unwrap_or_default();
+        shared
+            .stats
+            .builds_in_flight
+            .set(self.in_flight.len() as i64);
+        for waiter in waiters {
             // A waiter whose client hung up has dropped its receiver; that is fine.
             let _ = waiter.send(msg.result.clone());
         }
@@ -456,15 +445,12 @@ async fn build(
     let shared = &c.shared;
     if pinned {
         if let Some(image) = load_image(c, RecordKind::Pinned, key).await? {
-            shared
-                .stats
-                .cache_hits_pinned
-                .fetch_add(1, Ordering::Relaxed);
+            shared.stats.cache_hit("pinned");
             return Ok(image);
         }
     }
     shared.update(key, |p| p.phase = "evaluating".into());
-    shared.stats.nix_evaluations.fetch_add(1, Ordering::Relaxed);
+    shared.stats.nix_evaluations.inc();
     let evaluation = c
         .workers
         .send(Evaluate {
@@ -494,10 +480,7 @@ async fn build(
         None => load_image(c, RecordKind::Image, &image_key).await?,
     };
     if let Some(image) = known {
-        shared
-            .stats
-            .cache_hits_image
-            .fetch_add(1, Ordering::Relaxed);
+        shared.stats.cache_hit("image");
         log::info!(
             "build {} [{}]: top-level paths known, image reused without building",
             request.display_name(),
@@ -510,10 +493,7 @@ async fn build(
     }
 
     shared.update(key, |p| p.phase = "building".into());
-    shared
-        .stats
-        .nix_realisations
-        .fetch_add(1, Ordering::Relaxed);
+    shared.stats.nix_realisations.inc();
     let closure = c
         .workers
         .send(Realise {
@@ -631,10 +611,7 @@ async fn build(
         .lock()
         .expect("image memo lock")
         .insert(image_key, image.clone());
-    shared
-        .stats
-        .bytes_uploaded
-        .fetch_add(uploaded, Ordering::Relaxed);
+    shared.stats.bytes_uploaded.inc_by(uploaded);
     log::info!(
         "build {} [{}]: {} layers reused, {} layers built, {} bytes uploaded, image {} bytes",
         request.display_name(),
@@ -756,7 +733,8 @@ async fn load_image(
 async fn layer(c: &Arc<BuildContext>, plan: &LayerPlan) -> Result<LayerDone, BuildError> {
     let key = layer_key(&plan.paths, c.gzip_level);
     if let Some(record) = c.layers.lock().expect("layer memo lock").get(&key).cloned() {
-        c.shared.stats.layers_reused.fetch_add(1, Ordering::Relaxed);
+        c.shared.stats.layers_reused.inc();
+        c.shared.stats.cache_hit("layer");
         return Ok(done_from_record(&record, true, 0));
     }
     let pending = {
@@ -804,7 +782,7 @@ async fn build_layer(
                     .lock()
                     .expect("layer memo lock")
                     .insert(key.to_string(), record.clone());
-                c.shared.stats.layers_reused.fetch_add(1, Ordering::Relaxed);
+                c.shared.stats.layers_reused.inc();
                 return Ok(done_from_record(&record, true, 0));
             }
         }
@@ -837,7 +815,7 @@ async fn build_layer(
         .lock()
         .expect("layer memo lock")
         .insert(key.to_string(), record.clone());
-    c.shared.stats.layers_built.fetch_add(1, Ordering::Relaxed);
+    c.shared.stats.layers_built.inc();
     Ok(done_from_record(&record, false, put.bytes))
 }
 
