@@ -81,6 +81,8 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         },
         settings.layers.gzip_level,
         settings.limits.max_image_bytes,
+        // A build holds its lease at most as long as Nix may run, plus packing.
+        Duration::from_secs(settings.nix.timeout_secs + 300),
         shared.clone(),
     ));
     // The coordinator and the builds it spawns get a thread of their own, away from

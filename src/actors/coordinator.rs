@@ -179,6 +179,7 @@ pub struct BuildContext {
     pub params: LayerParams,
     pub gzip_level: u32,
     pub max_image_bytes: u64,
+    pub lease_ttl: Duration,
     pub shared: Arc<SharedState>,
     layers: Mutex<HashMap<String, LayerRecord>>,
     layer_builds: Mutex<HashMap<String, Shared<BoxFuture<'static, Result<LayerDone, BuildError>>>>>,
@@ -196,6 +197,7 @@ impl BuildContext {
         params: LayerParams,
         gzip_level: u32,
         max_image_bytes: u64,
+        lease_ttl: Duration,
         shared: Arc<SharedState>,
     ) -> Self {
         BuildContext {
@@ -207,6 +209,7 @@ impl BuildContext {
             params,
             gzip_level,
             max_image_bytes,
+            lease_ttl,
             shared,
             layers: Mutex::default(),
             layer_builds: Mutex::default(),
@@ -492,6 +495,50 @@ async fn build(
         return Ok(image);
     }
 
+    // Replicas on the same storage build each image once: the lease holder builds,
+    // the others wait for its record.
+    loop {
+        if c.storage
+            .acquire_lease(&image_key, c.lease_ttl)
+            .await
+            .map_err(storage_error)?
+        {
+            break;
+        }
+        shared.update(key, |p| p.phase = "waiting for another replica".into());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some(image) = load_image(c, RecordKind::Image, &image_key).await? {
+            shared.stats.cache_hit("image");
+            log::info!(
+                "build {} [{}]: built by another replica",
+                request.display_name(),
+                &key[..12]
+            );
+            if pinned {
+                store_record(c, RecordKind::Pinned, key, &image).await?;
+            }
+            return Ok(image);
+        }
+    }
+    let result = assemble(c, key, request, &evaluation, &image_key, pinned).await;
+    if let Err(e) = c.storage.release_lease(&image_key).await {
+        // It expires on its own; the other replicas then take over.
+        log::warn!("releasing lease {image_key}: {e}");
+    }
+    result
+}
+
+/// Realises the packages and assembles the image from layers, reusing every layer
+/// that is already stored.
+async fn assemble(
+    c: &Arc<BuildContext>,
+    key: &str,
+    request: &ImageRequest,
+    evaluation: &Evaluation,
+    image_key: &str,
+    pinned: bool,
+) -> Result<Arc<BuiltImage>, BuildError> {
+    let shared = &c.shared;
     shared.update(key, |p| p.phase = "building".into());
     shared.stats.nix_realisations.inc();
     let closure = c
@@ -603,14 +650,14 @@ async fn build(
     let docker = manifests.pop().expect("two manifests");
     let image = Arc::new(BuiltImage { docker, oci });
 
-    store_record(c, RecordKind::Image, &image_key, &image).await?;
+    store_record(c, RecordKind::Image, image_key, &image).await?;
     if pinned {
         store_record(c, RecordKind::Pinned, key, &image).await?;
     }
     c.images
         .lock()
         .expect("image memo lock")
-        .insert(image_key, image.clone());
+        .insert(image_key.to_string(), image.clone());
     shared.stats.bytes_uploaded.inc_by(uploaded);
     log::info!(
         "build {} [{}]: {} layers reused, {} layers built, {} bytes uploaded, image {} bytes",

@@ -101,6 +101,42 @@ impl FsStorage {
         self.commit(&tmp, object).await
     }
 
+    pub async fn create_object_if_absent(
+        &self,
+        object: &str,
+        bytes: Bytes,
+    ) -> Result<bool, StorageError> {
+        let target = self.object_path(object);
+        if let Some(parent) = target.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| StorageError::io("create", object, e))?;
+        }
+        // O_EXCL makes the existence check and the creation one step.
+        let mut file = match tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&target)
+            .await
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(false),
+            Err(e) => return Err(StorageError::io("create", object, e)),
+        };
+        tokio::io::AsyncWriteExt::write_all(&mut file, &bytes)
+            .await
+            .map_err(|e| StorageError::io("write", object, e))?;
+        Ok(true)
+    }
+
+    pub async fn delete_object(&self, object: &str) -> Result<(), StorageError> {
+        match tokio::fs::remove_file(self.object_path(object)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StorageError::io("delete", object, e)),
+        }
+    }
+
     async fn commit(&self, tmp: &Path, object: &str) -> Result<(), StorageError> {
         let target = self.object_path(object);
         if let Some(parent) = target.parent() {
@@ -154,5 +190,24 @@ mod tests {
             .unwrap()
             .is_none());
         assert_eq!(std::fs::read_dir(s.spool_dir()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn leases_are_exclusive_until_released_or_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = super::super::Storage::Filesystem(FsStorage::open(dir.path()).unwrap());
+        let ttl = std::time::Duration::from_secs(60);
+        assert!(s.acquire_lease("img", ttl).await.unwrap());
+        assert!(!s.acquire_lease("img", ttl).await.unwrap());
+        s.release_lease("img").await.unwrap();
+        assert!(s.acquire_lease("img", ttl).await.unwrap());
+        // An expired lease (a dead holder) is taken over.
+        s.release_lease("img").await.unwrap();
+        assert!(s
+            .create_object_if_absent("leases/img.json", Bytes::from_static(br#"{"expires":1}"#))
+            .await
+            .unwrap());
+        assert!(s.acquire_lease("img", ttl).await.unwrap());
+        assert!(!s.acquire_lease("img", ttl).await.unwrap());
     }
 }

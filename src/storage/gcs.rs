@@ -49,4 +49,10 @@ impl GcsStorage {
     pub async fn write_object(&self, _o: &str, _b: Bytes, _c: &str) -> Result<(), StorageError> {
         unreachable!()
     }
+    pub async fn create_object_if_absent(&self, _o: &str, _b: Bytes) -> Result<bool, StorageError> {
+        unreachable!()
+    }
+    pub async fn delete_object(&self, _o: &str) -> Result<(), StorageError> {
+        unreachable!()
+    }
 }

@@ -10,6 +10,20 @@ pub mod gcs;
 use crate::reference::Digest;
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StorageError {
@@ -160,6 +174,69 @@ impl Storage {
             Storage::Filesystem(s) => s.write_object(&object, bytes).await,
             Storage::Gcs(s) => s.write_object(&object, bytes, "application/json").await,
         }
+    }
+
+    /// Creates an object only when no object of that name exists; false otherwise.
+    pub async fn create_object_if_absent(
+        &self,
+        object: &str,
+        bytes: Bytes,
+    ) -> Result<bool, StorageError> {
+        match self {
+            Storage::Filesystem(s) => s.create_object_if_absent(object, bytes).await,
+            Storage::Gcs(s) => s.create_object_if_absent(object, bytes).await,
+        }
+    }
+
+    pub async fn read_object(&self, object: &str) -> Result<Option<Bytes>, StorageError> {
+        match self {
+            Storage::Filesystem(s) => s.read_object(object).await,
+            Storage::Gcs(s) => s.read_object(object).await,
+        }
+    }
+
+    /// Deletes an object; deleting a missing object is not an error.
+    pub async fn delete_object(&self, object: &str) -> Result<(), StorageError> {
+        match self {
+            Storage::Filesystem(s) => s.delete_object(object).await,
+            Storage::Gcs(s) => s.delete_object(object).await,
+        }
+    }
+
+    /// Takes the lease `name` for `ttl` unless another holder's lease is still
+    /// valid. Replicas sharing the storage use it so that only one of them builds a
+    /// given image; a holder that dies loses its lease when it expires.
+    pub async fn acquire_lease(&self, name: &str, ttl: Duration) -> Result<bool, StorageError> {
+        let object = format!("leases/{name}.json");
+        let now = unix_now();
+        let lease = Bytes::from(
+            serde_json::json!({
+                "expires": now + ttl.as_secs(),
+                "holder": format!("{}:{}", hostname(), std::process::id()),
+            })
+            .to_string(),
+        );
+        if self.create_object_if_absent(&object, lease.clone()).await? {
+            return Ok(true);
+        }
+        let expired = match self.read_object(&object).await? {
+            None => true,
+            Some(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("expires").and_then(|e| e.as_u64()))
+                // A lease being written right now reads as empty: still valid.
+                .is_some_and(|expires| expires <= now),
+        };
+        if !expired {
+            return Ok(false);
+        }
+        log::info!("taking over expired lease {name}");
+        self.delete_object(&object).await?;
+        self.create_object_if_absent(&object, lease).await
+    }
+
+    pub async fn release_lease(&self, name: &str) -> Result<(), StorageError> {
+        self.delete_object(&format!("leases/{name}.json")).await
     }
 
     pub fn locate(&self, digest: &Digest) -> BlobLocation {
