@@ -1046,6 +1046,17 @@ mod tests {
         // A, B and C tie, so as single layers they come last in path order.
         let mut abc = vec![vec!["A"], vec!["B"], vec!["C"]];
         abc.sort_by_key(|l| sp(l[0]));
+        // At budget 5 the two of them that sort last merge, and their summed
+        // rating of 2000 moves them ahead of the third.
+        let mut last_two = vec![abc[1][0], abc[2][0]];
+        last_two.sort_unstable();
+        let budget5 = vec![
+            vec!["G"],
+            vec!["E"],
+            vec!["D", "F"],
+            last_two,
+            abc[0].clone(),
+        ];
         let separate: Vec<Vec<&str>> = [vec!["G"], vec!["E"], vec!["D", "F"]]
             .into_iter()
             .chain(abc)
@@ -1058,10 +1069,7 @@ mod tests {
                 4,
                 vec![vec!["G"], vec!["E"], vec!["D", "F"], vec!["A", "B", "C"]],
             ),
-            (
-                5,
-                vec![vec!["G"], vec!["E"], vec!["D", "F"], vec!["A", "B", "C"]],
-            ),
+            (5, budget5),
             (6, separate.clone()),
             (10, separate),
         ];
