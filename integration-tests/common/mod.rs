@@ -1,0 +1,924 @@
+//! Shared black-box harness for the integration tests.
+//!
+//! Each `[[test]]` file includes this with `mod common;`. It starts the real
+//! `nixery` binary on an ephemeral loopback port with a private storage
+//! directory and a freshly salted copy of the test package set
+//! (`integration-tests/pkgs`), and it runs private instances of the registry
+//! clients' daemons (containerd, dockerd). Every process started here is
+//! stopped on `Drop`, also when the test panics; the server's log is printed
+//! when a test fails.
+//!
+//! Nothing here knows the server's internals: it speaks HTTP and reads logs.
+#![allow(dead_code)]
+
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::fs;
+use std::hash::{BuildHasher, Hasher};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tempfile::TempDir;
+
+/// `NIX_CONFIG` for every Nix call in tests: no binary cache (there is no
+/// internet, and Nix would retry for seconds), no sandbox.
+pub const NIX_CONFIG: &str = "substituters =\nsandbox = false";
+
+/// How long the server may take to print its listening line.
+pub const STARTUP_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Default time limit for client commands and HTTP requests (image builds
+/// happen inside the first request).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The directory holding the test package set.
+pub fn pkgs_source_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("integration-tests/pkgs")
+}
+
+/// A random lowercase hex string (16 characters), unique within the process.
+pub fn random_hex() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = RandomState::new().build_hasher();
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    h.write_u128(nanos);
+    h.write_u32(std::process::id());
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    format!("{:016x}", h.finish())
+}
+
+/// A private copy of the test package set with a random `salt` file, so
+/// every derivation in it gets new store paths (fresh builds, nothing shared
+/// with other tests through the Nix store except the host busybox source).
+pub struct PkgsCopy {
+    dir: TempDir,
+    salt: String,
+}
+
+impl PkgsCopy {
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn salt(&self) -> &str {
+        &self.salt
+    }
+}
+
+/// Copies `integration-tests/pkgs` to a temporary directory and writes a
+/// random salt next to `default.nix`.
+pub fn fresh_pkgs_copy() -> PkgsCopy {
+    let dir = tempfile::Builder::new()
+        .prefix("nixery-pkgs-")
+        .tempdir()
+        .expect("create temp dir for package set");
+    copy_dir(&pkgs_source_dir(), dir.path());
+    let salt = random_hex();
+    fs::write(dir.path().join("salt"), &salt).expect("write salt");
+    PkgsCopy { dir, salt }
+}
+
+/// Copies regular files and directories; skips symlinks (e.g. `result`
+/// links from a manual nix-build) and any stale `salt` file.
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap_or_else(|e| panic!("mkdir {}: {e}", to.display()));
+    for entry in fs::read_dir(from).unwrap_or_else(|e| panic!("read {}: {e}", from.display())) {
+        let entry = entry.expect("dir entry");
+        let ty = entry.file_type().expect("file type");
+        let name = entry.file_name();
+        if name == "salt" {
+            continue;
+        }
+        let dest = to.join(&name);
+        if ty.is_dir() {
+            copy_dir(&entry.path(), &dest);
+        } else if ty.is_file() {
+            fs::copy(entry.path(), &dest)
+                .unwrap_or_else(|e| panic!("copy {}: {e}", entry.path().display()));
+        }
+    }
+}
+
+/// Whether the tests must fail instead of skipping when a tool is missing.
+pub fn clients_required() -> bool {
+    std::env::var("NIXERY_REQUIRE_CLIENTS").is_ok_and(|v| v == "1")
+}
+
+/// Path of an executable on `PATH`.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// True when `name` is on `PATH`. Otherwise prints a skip line and returns
+/// false, or panics when `NIXERY_REQUIRE_CLIENTS=1`.
+pub fn require_tool(name: &str) -> bool {
+    if which(name).is_some() {
+        return true;
+    }
+    if clients_required() {
+        panic!("required tool `{name}` is not on PATH (NIXERY_REQUIRE_CLIENTS=1); run scripts/install-deps");
+    }
+    eprintln!(
+        "SKIP: `{name}` is not on PATH (set NIXERY_REQUIRE_CLIENTS=1 to make this a failure)"
+    );
+    false
+}
+
+/// True when running as root (chroot, containerd and dockerd need it).
+/// Otherwise skips like [`require_tool`].
+pub fn require_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the effective uid of this process.
+    if fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0) {
+        return true;
+    }
+    if clients_required() {
+        panic!("these tests need root (NIXERY_REQUIRE_CLIENTS=1)");
+    }
+    eprintln!("SKIP: not running as root");
+    false
+}
+
+// ---------------------------------------------------------------------------
+// Child processes
+
+/// Sends SIGTERM, waits up to `grace`, then SIGKILLs. Returns the exit
+/// status if the process could be reaped.
+pub fn terminate(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+/// Output of a finished command, with a readable `Display` for assertion
+/// messages.
+pub struct CmdOutput {
+    pub command: String,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CmdOutput {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// stdout and stderr together (clients print errors on either).
+    pub fn combined(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+impl fmt::Display for CmdOutput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "$ {}\n[{}]\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.command, self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+impl fmt::Debug for CmdOutput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Runs a command with a time limit (the process is killed when it passes)
+/// and captures its output. Does not check the exit status.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> CmdOutput {
+    let command = describe(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run `{command}`: {e}"));
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let stdout =
+                    String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned();
+                let stderr =
+                    String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned();
+                panic!(
+                    "`{command}` did not finish within {timeout:?}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}"
+                );
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(20)),
+            Err(e) => panic!("waiting for `{command}`: {e}"),
+        }
+    };
+    CmdOutput {
+        command,
+        status,
+        stdout: String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned(),
+        stderr: String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned(),
+    }
+}
+
+/// [`run_with_timeout`] with [`COMMAND_TIMEOUT`].
+pub fn run(cmd: &mut Command) -> CmdOutput {
+    run_with_timeout(cmd, COMMAND_TIMEOUT)
+}
+
+/// Runs a command and panics (showing all output) unless it succeeds.
+pub fn run_ok(cmd: &mut Command) -> CmdOutput {
+    let out = run(cmd);
+    assert!(out.success(), "command failed:\n{out}");
+    out
+}
+
+/// Runs a command and panics (showing all output) if it succeeds.
+pub fn run_fail(cmd: &mut Command) -> CmdOutput {
+    let out = run(cmd);
+    assert!(!out.success(), "command unexpectedly succeeded:\n{out}");
+    out
+}
+
+/// A `Command` for a containers/image client (skopeo, podman). c/image
+/// reads `$DOCKER_CONFIG/config.json` and fails if it is missing, so the
+/// variable is removed.
+pub fn cimage_command(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_remove("DOCKER_CONFIG");
+    cmd
+}
+
+// ---------------------------------------------------------------------------
+// The nixery server
+
+/// A running `nixery` binary with private storage and package set.
+pub struct Server {
+    child: Option<Child>,
+    addr: String,
+    log: Arc<Mutex<String>>,
+    log_path: PathBuf,
+    storage: PathBuf,
+    pkgs: PkgsCopy,
+    dir: TempDir,
+}
+
+enum StartEvent {
+    Listening(String),
+    Eof,
+}
+
+impl Server {
+    /// Starts the server and waits for its `listening on http://ADDR:PORT`
+    /// log line. `env` overrides the defaults (`PORT=0`,
+    /// `NIXERY_LISTEN=127.0.0.1`, filesystem storage in a temp dir, a fresh
+    /// salted package set, `RUST_LOG=info`, `NIX_CONFIG` without
+    /// substituters).
+    pub fn start(env: &[(&str, &str)]) -> Server {
+        let dir = tempfile::Builder::new()
+            .prefix("nixery-server-")
+            .tempdir()
+            .expect("create server temp dir");
+        let storage = dir.path().join("storage");
+        fs::create_dir_all(&storage).expect("create storage dir");
+        let pkgs = fresh_pkgs_copy();
+        let log_path = dir.path().join("server.log");
+        let log_file = fs::File::create(&log_path).expect("create log file");
+        let nix_config = std::env::var("NIX_CONFIG").unwrap_or_else(|_| NIX_CONFIG.to_string());
+
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixery"));
+        cmd.env("PORT", "0")
+            .env("NIXERY_LISTEN", "127.0.0.1")
+            .env("NIXERY_STORAGE_BACKEND", "filesystem")
+            .env("STORAGE_PATH", &storage)
+            .env("NIXERY_PKGS_PATH", pkgs.path())
+            .env("RUST_LOG", "info")
+            .env("NIX_CONFIG", nix_config);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log_file.try_clone().expect("clone log file")))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn nixery binary");
+
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        {
+            let log = Arc::clone(&log);
+            let mut file = log_file;
+            thread::spawn(move || {
+                let mut sent = false;
+                let mut reader = BufReader::new(stderr);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    match reader.read_until(b'\n', &mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                    let line = String::from_utf8_lossy(&buf);
+                    let _ = file.write_all(line.as_bytes());
+                    log.lock().unwrap().push_str(&line);
+                    if !sent {
+                        if let Some(addr) = parse_listening(&line) {
+                            let _ = tx.send(StartEvent::Listening(addr));
+                            sent = true;
+                        }
+                    }
+                }
+                let _ = tx.send(StartEvent::Eof);
+            });
+        }
+
+        let deadline = Instant::now() + STARTUP_DEADLINE;
+        let addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left.min(Duration::from_millis(200))) {
+                Ok(StartEvent::Listening(addr)) => break addr,
+                Ok(StartEvent::Eof) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = terminate(&mut child, Duration::from_secs(5));
+                    panic!(
+                        "nixery exited before listening (status {status:?}); log:\n{}",
+                        log.lock().unwrap()
+                    );
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                    terminate(&mut child, Duration::from_secs(5));
+                    panic!(
+                        "nixery did not print `listening on http://…` within {STARTUP_DEADLINE:?}; log:\n{}",
+                        log.lock().unwrap()
+                    );
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        };
+
+        Server {
+            child: Some(child),
+            addr,
+            log,
+            log_path,
+            storage,
+            pkgs,
+            dir,
+        }
+    }
+
+    /// `HOST:PORT`, e.g. `127.0.0.1:41234`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// `http://HOST:PORT` + `path` (which should start with `/`).
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Everything the server has logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    pub fn storage_path(&self) -> &Path {
+        &self.storage
+    }
+
+    pub fn pkgs_path(&self) -> &Path {
+        self.pkgs.path()
+    }
+
+    pub fn salt(&self) -> &str {
+        self.pkgs.salt()
+    }
+
+    /// The server's temp dir (storage, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGTERM, then SIGKILL after 10 s. Returns the exit status.
+    pub fn stop(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        terminate(&mut child, Duration::from_secs(10))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "===== nixery log ({}) =====\n{}===== end of nixery log =====",
+                self.log_path.display(),
+                self.log()
+            );
+        }
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child, Duration::from_secs(5));
+        }
+    }
+}
+
+/// Extracts `ADDR:PORT` from a line containing `listening on http://ADDR:PORT`.
+pub fn parse_listening(line: &str) -> Option<String> {
+    const MARK: &str = "listening on http://";
+    let rest = &line[line.find(MARK)? + MARK.len()..];
+    let addr: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']' | '-'))
+        .collect();
+    let port = addr.rsplit_once(':')?.1;
+    (!port.is_empty() && port.chars().all(|c| c.is_ascii_digit())).then_some(addr)
+}
+
+// ---------------------------------------------------------------------------
+// A tiny HTTP/1.1 client (std only; one request per connection)
+
+/// Response headers in order; names compared case-insensitively.
+#[derive(Clone, Debug, Default)]
+pub struct Headers(pub Vec<(String, String)>);
+
+impl Headers {
+    /// The first value of header `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// All values of header `name`.
+    pub fn get_all(&self, name: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+}
+
+/// Sends one request and reads the whole response. `url` must be
+/// `http://host:port/path`. `Connection: close` is always sent. A HEAD
+/// response (and 1xx/204/304) has no body. Chunked and Content-Length bodies
+/// are decoded; otherwise the body runs to EOF.
+///
+/// A read that waits longer than `timeout` fails with `ErrorKind::TimedOut`
+/// and a message saying so (the OS reports it as EAGAIN).
+pub fn http_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> std::io::Result<(u16, Headers, Vec<u8>)> {
+    http_request_inner(method, url, headers, timeout).map_err(|e| {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("{method} {url}: no response within {timeout:?} ({e})"),
+            )
+        } else {
+            e
+        }
+    })
+}
+
+fn http_request_inner(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> std::io::Result<(u16, Headers, Vec<u8>)> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not an http:// URL: {url}"),
+        )
+    })?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let sockaddr = authority.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("cannot resolve {authority}"),
+        )
+    })?;
+    let mut stream = TcpStream::connect_timeout(&sockaddr, Duration::from_secs(10))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes())?;
+
+    let mut reader = BufReader::new(stream);
+    let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    loop {
+        let mut status_line = String::new();
+        if reader.read_line(&mut status_line)? == 0 {
+            return Err(bad("connection closed before the status line".into()));
+        }
+        let mut parts = status_line.split_whitespace();
+        let version = parts.next().unwrap_or("");
+        if !version.starts_with("HTTP/1.") {
+            return Err(bad(format!("bad status line {status_line:?}")));
+        }
+        let status: u16 = parts
+            .next()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad(format!("bad status line {status_line:?}")))?;
+        let mut hs = Vec::new();
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Err(bad("connection closed inside the headers".into()));
+            }
+            let line = line.trim_end_matches(['\r', '\n']);
+            if line.is_empty() {
+                break;
+            }
+            let (k, v) = line
+                .split_once(':')
+                .ok_or_else(|| bad(format!("bad header line {line:?}")))?;
+            hs.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        let headers = Headers(hs);
+        if (100..200).contains(&status) {
+            continue; // interim response (e.g. 100 Continue)
+        }
+        let mut body = Vec::new();
+        let no_body = method.eq_ignore_ascii_case("HEAD") || status == 204 || status == 304;
+        if no_body {
+        } else if headers
+            .get("transfer-encoding")
+            .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
+        {
+            loop {
+                let mut size_line = String::new();
+                if reader.read_line(&mut size_line)? == 0 {
+                    return Err(bad("connection closed inside a chunked body".into()));
+                }
+                let size_str = size_line.trim().split(';').next().unwrap_or("").trim();
+                let size = usize::from_str_radix(size_str, 16)
+                    .map_err(|_| bad(format!("bad chunk size {size_line:?}")))?;
+                if size == 0 {
+                    // trailers, up to the empty line
+                    loop {
+                        let mut t = String::new();
+                        if reader.read_line(&mut t)? == 0 || t.trim().is_empty() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                let start = body.len();
+                body.resize(start + size, 0);
+                reader.read_exact(&mut body[start..])?;
+                let mut crlf = [0u8; 2];
+                reader.read_exact(&mut crlf)?;
+            }
+        } else if let Some(len) = headers.get("content-length") {
+            let len: usize = len
+                .parse()
+                .map_err(|_| bad(format!("bad Content-Length {len:?}")))?;
+            body.resize(len, 0);
+            reader.read_exact(&mut body)?;
+        } else {
+            reader.read_to_end(&mut body)?;
+        }
+        return Ok((status, headers, body));
+    }
+}
+
+/// GET `url` with extra request headers; panics on I/O errors.
+pub fn http_get(url: &str, headers: &[(&str, &str)]) -> (u16, Headers, Vec<u8>) {
+    http_request("GET", url, headers, COMMAND_TIMEOUT)
+        .unwrap_or_else(|e| panic!("GET {url} failed: {e}"))
+}
+
+/// HEAD `url` with extra request headers; panics on I/O errors.
+pub fn http_head(url: &str, headers: &[(&str, &str)]) -> (u16, Headers) {
+    let (status, h, _) = http_request("HEAD", url, headers, COMMAND_TIMEOUT)
+        .unwrap_or_else(|e| panic!("HEAD {url} failed: {e}"));
+    (status, h)
+}
+
+/// `sha256:<hex>` of `data`.
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!(
+        "sha256:{}",
+        hex::encode(ring::digest::digest(&ring::digest::SHA256, data))
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Client daemons with private state
+
+/// The last `n` lines of `s`.
+pub fn tail_lines(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Polls `ready` every 100 ms until it returns true or `deadline` passes;
+/// panics early if `child` exits.
+fn wait_ready(
+    what: &str,
+    child: &mut Child,
+    log_path: &Path,
+    deadline: Duration,
+    mut ready: impl FnMut() -> bool,
+) {
+    let end = Instant::now() + deadline;
+    loop {
+        if ready() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "{what} exited ({status}) before becoming ready; log:\n{}",
+                fs::read_to_string(log_path).unwrap_or_default()
+            );
+        }
+        if Instant::now() >= end {
+            terminate(child, Duration::from_secs(5));
+            panic!(
+                "{what} not ready within {deadline:?}; log:\n{}",
+                fs::read_to_string(log_path).unwrap_or_default()
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A private containerd (own root, state and socket; CRI disabled).
+pub struct Containerd {
+    child: Option<Child>,
+    socket: PathBuf,
+    log_path: PathBuf,
+    dir: TempDir,
+}
+
+impl Containerd {
+    pub fn start() -> Containerd {
+        let dir = tempfile::Builder::new()
+            .prefix("nixery-ctrd-")
+            .tempdir()
+            .expect("create containerd temp dir");
+        let d = dir.path();
+        let socket = d.join("containerd.sock");
+        let config = d.join("config.toml");
+        fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{}\"\nstate = \"{}\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{}\"\n",
+                d.join("root").display(),
+                d.join("state").display(),
+                socket.display()
+            ),
+        )
+        .expect("write containerd config");
+        let log_path = d.join("containerd.log");
+        let log = fs::File::create(&log_path).expect("create containerd log");
+        let mut child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("clone log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn containerd");
+        let sock = socket.clone();
+        wait_ready(
+            "containerd",
+            &mut child,
+            &log_path,
+            Duration::from_secs(30),
+            || {
+                sock.exists()
+                    && Command::new("ctr")
+                        .arg("-a")
+                        .arg(&sock)
+                        .arg("version")
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success())
+            },
+        );
+        Containerd {
+            child: Some(child),
+            socket,
+            log_path,
+            dir,
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// `ctr -a SOCKET -n NAMESPACE …`
+    pub fn ctr(&self, namespace: &str) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("-a").arg(&self.socket).arg("-n").arg(namespace);
+        cmd
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "===== containerd log (last 40 lines) =====\n{}",
+                tail_lines(&self.log(), 40)
+            );
+        }
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child, Duration::from_secs(10));
+        }
+    }
+}
+
+/// A private dockerd (own data-root, exec-root, socket and pidfile; no
+/// iptables, no bridge). Its `docker` commands get a private DOCKER_CONFIG.
+pub struct Dockerd {
+    child: Option<Child>,
+    host: String,
+    config_dir: PathBuf,
+    log_path: PathBuf,
+    dir: TempDir,
+}
+
+impl Dockerd {
+    pub fn start() -> Dockerd {
+        let dir = tempfile::Builder::new()
+            .prefix("nixery-dockerd-")
+            .tempdir()
+            .expect("create dockerd temp dir");
+        let d = dir.path();
+        let daemon_json = d.join("daemon.json");
+        fs::write(&daemon_json, "{}\n").expect("write daemon.json");
+        let config_dir = d.join("cfg");
+        fs::create_dir_all(&config_dir).expect("create docker config dir");
+        fs::write(config_dir.join("config.json"), "{}\n").expect("write docker config");
+        let host = format!("unix://{}", d.join("docker.sock").display());
+        let log_path = d.join("dockerd.log");
+        let log = fs::File::create(&log_path).expect("create dockerd log");
+        let mut child = Command::new("dockerd")
+            .arg("--config-file")
+            .arg(&daemon_json)
+            .arg("--data-root")
+            .arg(d.join("root"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("dockerd.pid"))
+            .arg("-H")
+            .arg(&host)
+            .args([
+                "--iptables=false",
+                "--ip6tables=false",
+                "--bridge=none",
+                "--ip-masq=false",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("clone log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn dockerd");
+        let mut docker = Dockerd {
+            child: None,
+            host,
+            config_dir,
+            log_path: log_path.clone(),
+            dir,
+        };
+        wait_ready(
+            "dockerd",
+            &mut child,
+            &log_path,
+            Duration::from_secs(60),
+            || {
+                docker
+                    .docker()
+                    .arg("info")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            },
+        );
+        docker.child = Some(child);
+        docker
+    }
+
+    /// `docker` with `DOCKER_HOST` and `DOCKER_CONFIG` set for this daemon.
+    pub fn docker(&self) -> Command {
+        let mut cmd = Command::new("docker");
+        cmd.env("DOCKER_HOST", &self.host)
+            .env("DOCKER_CONFIG", &self.config_dir);
+        cmd
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "===== dockerd log (last 40 lines) =====\n{}",
+                tail_lines(&self.log(), 40)
+            );
+        }
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child, Duration::from_secs(20));
+        }
+    }
+}
