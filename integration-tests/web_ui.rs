@@ -48,7 +48,7 @@ fn page_shows_live_builds_and_failures() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (_, _, body) = http_get(&server.url("/builds/slow"), &[]);
-        if String::from_utf8_lossy(&body).contains("\"phase\":\"building\"") {
+        if String::from_utf8_lossy(&body).contains("\"phase\":\"building ") {
             break;
         }
         assert!(
@@ -67,7 +67,18 @@ fn page_shows_live_builds_and_failures() {
         .nth(1)
         .unwrap_or_else(|| panic!("no build row in the page:\n{dom}"));
     assert!(row.contains("<td>slow</td>"), "{row}");
-    assert!(row.contains("building"), "{row}");
+    // "building N of M derivations", read from Nix's output as it builds.
+    let phase = row
+        .split("<td class=\"phase\">")
+        .nth(1)
+        .and_then(|p| p.split("</td>").next())
+        .unwrap_or_else(|| panic!("no phase cell: {row}"));
+    let words: Vec<&str> = phase.split_whitespace().collect();
+    assert!(
+        matches!(words.as_slice(), ["building", n, "of", m, "derivations"]
+            if n.parse::<u32>().is_ok() && m.parse::<u32>().is_ok()),
+        "{phase}"
+    );
     assert!(row.contains("<progress"), "{row}");
 
     let shot = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nixery-builds.png");

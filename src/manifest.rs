@@ -256,17 +256,14 @@ mod tests {
     #[test]
     fn negotiation() {
         use ManifestFormat::*;
+        let oci_and_index = format!("{OCI_MANIFEST}, application/vnd.oci.image.index.v1+json");
+        let docker_and_any = format!("{DOCKER_MANIFEST}, */*");
         let cases: Vec<(Vec<&str>, ManifestFormat)> = vec![
             (vec![], Docker),
             (vec!["*/*"], Docker),
             (vec![OCI_MANIFEST, DOCKER_MANIFEST], Docker),
-            (
-                vec![&format!(
-                    "{OCI_MANIFEST}, application/vnd.oci.image.index.v1+json"
-                )],
-                Oci,
-            ),
-            (vec![&format!("{DOCKER_MANIFEST}, */*")], Docker),
+            (vec![&oci_and_index], Oci),
+            (vec![&docker_and_any], Docker),
             (
                 vec!["application/vnd.oci.image.manifest.v1+json; q=0.5"],
                 Oci,

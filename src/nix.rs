@@ -107,6 +107,36 @@ pub fn realise_args(eval: &Evaluation, timeout_secs: u64) -> Vec<String> {
     args
 }
 
+/// Progress of a `nix-store --realise` run, read from its stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RealiseProgress {
+    pub total: usize,
+    pub started: usize,
+}
+
+impl RealiseProgress {
+    /// Updates from one stderr line; true when something changed.
+    pub fn observe(&mut self, line: &str) -> bool {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("these ") {
+            let mut words = rest.split_whitespace();
+            if let (Some(n), Some("derivations" | "derivation")) = (words.next(), words.next()) {
+                if let Ok(n) = n.parse() {
+                    self.total = n;
+                    return true;
+                }
+            }
+        } else if line.starts_with("this derivation will be built") {
+            self.total = 1;
+            return true;
+        } else if line.starts_with("building '/nix/store/") {
+            self.started += 1;
+            return true;
+        }
+        false
+    }
+}
+
 /// Parses `nix-store --dump-db` output (the registration format that
 /// `nix-store --load-db` reads, stable across Nix versions): per path, the path,
 /// its nar hash, nar size, deriver, reference count and references.
@@ -253,6 +283,25 @@ mod tests {
     }
 
     #[test]
+    fn realise_progress_from_stderr() {
+        // Captured from nix-store --realise (Nix 2.8).
+        let stderr = "these 2 derivations will be built:\n  /nix/store/a-x.drv\n  /nix/store/b-y.drv\nbuilding '/nix/store/a-x.drv'...\nbuilding '/nix/store/b-y.drv'...\n";
+        let mut p = RealiseProgress::default();
+        let changes = stderr.lines().filter(|l| p.observe(l)).count();
+        assert_eq!(changes, 3);
+        assert_eq!(
+            p,
+            RealiseProgress {
+                total: 2,
+                started: 2
+            }
+        );
+        let mut one = RealiseProgress::default();
+        assert!(one.observe("this derivation will be built:"));
+        assert_eq!(one.total, 1);
+    }
+
+    #[test]
     fn parses_registration() {
         // Captured from `nix-store --dump-db` (Nix 2.8).
         let text = "/nix/store/amjh-hello-1.0\n9b1e61\n616\n/nix/store/arv2-hello-1.0.drv\n2\n/nix/store/8hzb-busybox\n/nix/store/q9v7-libfoo-1.0\n/nix/store/8hzb-busybox\nabcd\n1982568\n\n0\n";
@@ -278,6 +327,6 @@ mod tests {
         );
         let long = "x".repeat(50) + "\n" + &"y".repeat(50);
         assert_eq!(error_tail(long.as_bytes(), 60), "y".repeat(50));
-        assert_eq!(error_tail("é".repeat(100).as_bytes(), 11).len() <= 11, true);
+        assert!(error_tail("é".repeat(100).as_bytes(), 11).len() <= 11);
     }
 }

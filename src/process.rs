@@ -36,6 +36,17 @@ pub enum RunError {
 }
 
 pub fn run(program: &str, args: &[String], timeout: Duration) -> Result<Output, RunError> {
+    run_watching(program, args, timeout, |_| {})
+}
+
+/// Like [`run`], and calls `on_stderr_line` with every line of stderr as it comes,
+/// for progress reports.
+pub fn run_watching(
+    program: &str,
+    args: &[String],
+    timeout: Duration,
+    on_stderr_line: impl FnMut(&str) + Send + 'static,
+) -> Result<Output, RunError> {
     let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -47,15 +58,26 @@ pub fn run(program: &str, args: &[String], timeout: Duration) -> Result<Output, 
             program: program.to_string(),
             source,
         })?;
-    let drain = |mut r: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = r.read_to_end(&mut buf); // a read error just ends the capture
-            buf
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().expect("piped stdout")));
-    let err = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let out = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf); // a read error just ends the capture
+        buf
+    });
+    let stderr = child.stderr.take().expect("piped stderr");
+    let err = thread::spawn(move || {
+        let mut on_line = on_stderr_line;
+        let mut reader = std::io::BufReader::new(stderr);
+        let mut buf = Vec::new();
+        loop {
+            let start = buf.len();
+            match std::io::BufRead::read_until(&mut reader, b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => on_line(String::from_utf8_lossy(&buf[start..]).trim_end()),
+            }
+        }
+        buf
+    });
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(2);
     let status = loop {
@@ -119,6 +141,22 @@ mod tests {
         .unwrap();
         assert_eq!(out.stdout.len(), 1 << 20);
         assert_eq!(out.stderr.len(), 1 << 20);
+    }
+
+    #[test]
+    fn stderr_lines_are_reported_as_they_come() {
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = lines.clone();
+        let out = run_watching(
+            "sh",
+            &sh("echo one >&2; echo out; echo two >&2"),
+            Duration::from_secs(5),
+            move |l| seen.lock().unwrap().push(l.to_string()),
+        )
+        .unwrap();
+        assert_eq!(*lines.lock().unwrap(), ["one", "two"]);
+        assert_eq!(out.stdout, b"out\n");
+        assert_eq!(out.stderr, b"one\ntwo\n");
     }
 
     #[test]

@@ -257,7 +257,7 @@ mod tests {
             ("/v3/", Err(RouteError::UnknownRoute)),
             (
                 "/v2/hello/manifests/bad:tag",
-                Err(RouteError::DigestInvalid),
+                Err(RouteError::DigestUnsupported),
             ),
             ("/v2/hello/manifests/-tag", Err(RouteError::TagInvalid)),
             (

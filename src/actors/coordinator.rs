@@ -168,6 +168,12 @@ impl SharedState {
     }
 }
 
+/// A layer being packed for one build, awaited by every build that needs it.
+type PendingLayer = Shared<BoxFuture<'static, Result<LayerDone, BuildError>>>;
+
+/// A request waiting for an image build.
+type Waiter = oneshot::Sender<Result<Arc<BuiltImage>, BuildError>>;
+
 /// Everything a build needs; shared by all builds.
 pub struct BuildContext {
     pub workers: Addr<NixWorker>,
@@ -182,7 +188,7 @@ pub struct BuildContext {
     pub lease_ttl: Duration,
     pub shared: Arc<SharedState>,
     layers: Mutex<HashMap<String, LayerRecord>>,
-    layer_builds: Mutex<HashMap<String, Shared<BoxFuture<'static, Result<LayerDone, BuildError>>>>>,
+    layer_builds: Mutex<HashMap<String, PendingLayer>>,
     images: Mutex<HashMap<String, Arc<BuiltImage>>>,
 }
 
@@ -220,7 +226,7 @@ impl BuildContext {
 
 pub struct BuildCoordinator {
     context: Arc<BuildContext>,
-    in_flight: HashMap<String, Vec<oneshot::Sender<Result<Arc<BuiltImage>, BuildError>>>>,
+    in_flight: HashMap<String, Vec<Waiter>>,
     failures: HashMap<String, (Instant, BuildError)>,
     capacity: usize,
     failure_ttl: Duration,
@@ -545,6 +551,11 @@ async fn assemble(
         .workers
         .send(Realise {
             evaluation: evaluation.clone(),
+            progress: {
+                let shared = c.shared.clone();
+                let key = key.to_string();
+                Box::new(move |phase| shared.update(&key, |p| p.phase = phase))
+            },
         })
         .await
         .map_err(mailbox)??;

@@ -28,6 +28,8 @@ pub struct Evaluate {
 #[rtype(result = "Result<Vec<StorePathInfo>, BuildError>")]
 pub struct Realise {
     pub evaluation: Evaluation,
+    /// Told "building N of M derivations" as Nix goes.
+    pub progress: Box<dyn Fn(String) + Send>,
 }
 
 /// Write one layer of store paths into a spool file.
@@ -120,10 +122,22 @@ impl Handler<Realise> for NixWorker {
             return Ok(Vec::new());
         }
         let timeout = self.build_timeout;
-        self.nix_store(
+        let mut progress = nix::RealiseProgress::default();
+        let report = msg.progress;
+        process::run_watching(
+            &self.program("nix-store"),
             &nix::realise_args(&msg.evaluation, timeout.as_secs()),
             timeout,
-        )?;
+            move |line| {
+                if progress.observe(line) {
+                    report(format!(
+                        "building {} of {} derivations",
+                        progress.started, progress.total
+                    ));
+                }
+            },
+        )
+        .map_err(|e| run_error(e, "Nix build", BuildError::BuildFailed))?;
         let mut query = vec!["--query".to_string(), "--requisites".to_string()];
         query.extend(outputs);
         let closure = String::from_utf8(self.nix_store(&query, timeout)?)
