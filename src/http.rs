@@ -221,14 +221,17 @@ async fn blob(
             format!("{e}"),
         )
     };
-    if state
-        .storage
-        .blob_size(&digest)
-        .await
-        .map_err(storage_error)?
-        .is_none()
-    {
-        return Err(RegistryError::blob_unknown(&digest.to_string()));
+    if !state.shared.is_known_blob(&digest) {
+        if state
+            .storage
+            .blob_size(&digest)
+            .await
+            .map_err(storage_error)?
+            .is_none()
+        {
+            return Err(RegistryError::blob_unknown(&digest.to_string()));
+        }
+        state.shared.remember_blob(&digest);
     }
     let access = state
         .signer

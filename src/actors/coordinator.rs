@@ -110,6 +110,7 @@ struct TagEntry {
 pub struct SharedState {
     tags: RwLock<HashMap<String, TagEntry>>,
     manifests: RwLock<HashMap<Digest, Bytes>>,
+    known_blobs: RwLock<std::collections::HashSet<Digest>>,
     pub stats: Metrics,
     progress: Mutex<BTreeMap<String, BuildProgress>>,
     failures: Mutex<Vec<RecentFailure>>,
@@ -141,6 +142,24 @@ impl SharedState {
             .write()
             .expect("manifest cache lock")
             .insert(digest, bytes);
+    }
+
+    /// Whether the blob is known to be stored, so a blob request needs no storage
+    /// round trip. Blobs are never deleted by the registry.
+    pub fn is_known_blob(&self, digest: &Digest) -> bool {
+        self.known_blobs
+            .read()
+            .expect("known blobs lock")
+            .contains(digest)
+    }
+
+    pub fn remember_blob(&self, digest: &Digest) {
+        if !self.is_known_blob(digest) {
+            self.known_blobs
+                .write()
+                .expect("known blobs lock")
+                .insert(digest.clone());
+        }
     }
 
     pub fn builds(&self) -> Vec<BuildProgress> {
@@ -774,6 +793,9 @@ async fn load_image(
             return Ok(None);
         }
     }
+    for d in &needed {
+        c.shared.remember_blob(d);
+    }
     Ok(Some(Arc::new(BuiltImage {
         docker: StoredManifest {
             digest: docker_digest,
@@ -836,6 +858,9 @@ async fn build_layer(
                 Err(_) => None,
             };
             if stored == Some(record.size) {
+                if let Ok(d) = Digest::parse(&record.digest) {
+                    c.shared.remember_blob(&d);
+                }
                 c.layers
                     .lock()
                     .expect("layer memo lock")
@@ -897,16 +922,19 @@ async fn put_file(
 ) -> Result<Put, BuildError> {
     let digest = Digest::parse(digest)
         .map_err(|e| BuildError::Internal(format!("layer digest {digest}: {e}")))?;
-    c.uploader
+    let put = c
+        .uploader
         .send(PutBlobFile {
-            digest,
+            digest: digest.clone(),
             file: file.to_path_buf(),
             size,
             media_type: manifest::DOCKER_LAYER,
         })
         .await
         .map_err(mailbox)?
-        .map_err(storage_error)
+        .map_err(storage_error)?;
+    c.shared.remember_blob(&digest);
+    Ok(put)
 }
 
 async fn put_bytes(
@@ -915,7 +943,8 @@ async fn put_bytes(
     bytes: Bytes,
     media_type: &'static str,
 ) -> Result<u64, BuildError> {
-    c.uploader
+    let put = c
+        .uploader
         .send(PutBlobBytes {
             digest: digest.clone(),
             bytes,
@@ -923,6 +952,7 @@ async fn put_bytes(
         })
         .await
         .map_err(mailbox)?
-        .map(|p| p.bytes)
-        .map_err(storage_error)
+        .map_err(storage_error)?;
+    c.shared.remember_blob(digest);
+    Ok(put.bytes)
 }
