@@ -226,6 +226,13 @@ fn bytes_path(bytes: &[u8]) -> &Path {
     Path::new(OsStr::from_bytes(bytes))
 }
 
+fn check_level(level: u32) -> Result<(), ArchiveError> {
+    if level > 9 {
+        return Err(ArchiveError::InvalidLevel(level));
+    }
+    Ok(())
+}
+
 /// The buffer sits *before* the tar hash so that both hashes and deflate see large writes; the
 /// tar encoder itself emits 512-byte headers one by one.
 type Pipeline<W> = BufWriter<HashingWriter<GzEncoder<HashingWriter<W>>>>;
@@ -238,9 +245,7 @@ struct LayerWriter<W: Write> {
 
 impl<W: Write> LayerWriter<W> {
     fn new(level: u32, out: W) -> Result<LayerWriter<W>, ArchiveError> {
-        if level > 9 {
-            return Err(ArchiveError::InvalidLevel(level));
-        }
+        check_level(level)?;
         // Pin every header field explicitly: the gzip bytes are part of the blob digest, so a
         // changed default in flate2 would silently change every digest.
         let gz = GzBuilder::new()
@@ -387,7 +392,8 @@ impl<W: Write> LayerWriter<W> {
 /// an entry with mode 0755; everything from the path down keeps its own permission bits.
 /// Symlinks are stored, never followed.
 ///
-/// `level` is the gzip level, 0..=9. Returns the sink (flushed) and the layer's digests.
+/// `level` is the gzip level, 0..=9. Returns the sink (flushed) and the layer's digests. On error
+/// `out` may already hold part of a stream (the encoders finish on drop): discard it.
 pub fn write_store_layer<W: Write>(
     root: &Path,
     paths: &[PathBuf],
@@ -557,17 +563,18 @@ enum Found {
 /// leaf too and is not followed. A package path that is not a directory (after following a
 /// symlink at the package path itself) contributes nothing. Added unless a package provides them:
 /// `tmp/` (mode 1777, also forced on a package-provided `tmp/`), `root/` (0700), `etc/passwd` and
-/// `etc/group` for root and nobody (root's shell is `/bin/sh` even if absent; see [`PASSWD`]),
+/// `etc/group` for root and nobody (root's shell is `/bin/sh` even when no package provides it),
 /// and `usr/bin/env` pointing at the same target as `bin/env`, only if `bin/env` exists.
 ///
-/// Returns the sink (flushed), the layer's digests, and facts for the image config.
+/// Returns the sink (flushed), the layer's digests, and facts for the image config. The forest is
+/// built before anything is written, so a failure while reading packages leaves `out` untouched;
+/// a later write error may leave a partial stream in it.
 pub fn write_symlink_layer<W: Write>(
     packages: &[PathBuf],
     level: u32,
     out: W,
 ) -> Result<(W, LayerSummary, SymlinkLayerInfo), ArchiveError> {
-    // Fail on a bad level before reading any package.
-    let w = LayerWriter::new(level, out)?;
+    check_level(level)?;
     let mut root: BTreeMap<OsString, Node> = BTreeMap::new();
     let mut collisions = Vec::new();
     for pkg in packages {
@@ -621,7 +628,7 @@ pub fn write_symlink_layer<W: Write>(
     }
     root.entry("root".into()).or_insert(Node::dir(0o700));
 
-    let mut w = w;
+    let mut w = LayerWriter::new(level, out)?;
     let mut name = Vec::with_capacity(256);
     emit_forest(&mut w, &root, &mut name)?;
     let (out, summary) = w.finish()?;
@@ -1217,10 +1224,15 @@ mod tests {
     #[test]
     fn symlink_layer_missing_package_is_an_error() {
         let missing = PathBuf::from("/nonexistent/nix/store/xxxx-gone");
-        match write_symlink_layer(std::slice::from_ref(&missing), 6, Vec::new()) {
+        let mut out = Vec::new();
+        match write_symlink_layer(std::slice::from_ref(&missing), 6, &mut out) {
             Err(ArchiveError::Io { path, .. }) => assert_eq!(path, missing),
             other => panic!("{:?}", other.map(|(_, s, i)| (s, i))),
         }
+        assert!(
+            out.is_empty(),
+            "nothing is written before the forest is complete"
+        );
     }
 
     /// Throughput over a real tree: `NIXERY_ARCHIVE_BENCH_DIR=/usr/lib/gcc cargo test --release
