@@ -40,8 +40,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
-use flate2::write::GzEncoder;
-use flate2::{Compression, GzBuilder};
+use crate::pargzip::ParGzEncoder;
 use ring::digest::{Context, SHA256};
 use serde::{Deserialize, Serialize};
 use tar::{EntryType, Header};
@@ -235,7 +234,7 @@ fn check_level(level: u32) -> Result<(), ArchiveError> {
 
 /// The buffer sits *before* the tar hash so that both hashes and deflate see large writes; the
 /// tar encoder itself emits 512-byte headers one by one.
-type Pipeline<W> = BufWriter<HashingWriter<GzEncoder<HashingWriter<W>>>>;
+type Pipeline<W> = BufWriter<HashingWriter<ParGzEncoder<HashingWriter<W>>>>;
 
 /// A tar stream with normalised headers on top of the hashing/compressing pipeline.
 struct LayerWriter<W: Write> {
@@ -246,12 +245,9 @@ struct LayerWriter<W: Write> {
 impl<W: Write> LayerWriter<W> {
     fn new(level: u32, out: W) -> Result<LayerWriter<W>, ArchiveError> {
         check_level(level)?;
-        // Pin every header field explicitly: the gzip bytes are part of the blob digest, so a
-        // changed default in flate2 would silently change every digest.
-        let gz = GzBuilder::new()
-            .mtime(0)
-            .operating_system(255)
-            .write(HashingWriter::new(out), Compression::new(level));
+        // Compressed on every core; the bytes (and so the digest) do not depend on
+        // how many there are.
+        let gz = ParGzEncoder::new(HashingWriter::new(out), level);
         let pipeline = BufWriter::with_capacity(BUF_SIZE, HashingWriter::new(gz));
         Ok(LayerWriter {
             tar: tar::Builder::new(pipeline),

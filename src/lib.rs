@@ -15,6 +15,7 @@ pub mod layers;
 pub mod manifest;
 pub mod metrics;
 pub mod nix;
+pub mod pargzip;
 pub mod process;
 pub mod reference;
 pub mod signing;
