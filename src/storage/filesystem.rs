@@ -9,6 +9,9 @@ use bytes::Bytes;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
+/// Age after which a spool file is certainly abandoned (no build runs this long).
+const SPOOL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
+
 pub struct FsStorage {
     root: PathBuf,
     spool: PathBuf,
@@ -26,10 +29,19 @@ impl FsStorage {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| StorageError::io("create", dir.display().to_string(), e))?;
         }
+        // Leftovers of interrupted builds: nothing refers to them. Recent files may
+        // belong to another process sharing this storage, so only old ones go.
         if let Ok(entries) = std::fs::read_dir(&spool) {
             for entry in entries.flatten() {
-                // Leftovers of an interrupted build; nothing refers to them.
-                let _ = std::fs::remove_file(entry.path());
+                let old = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > SPOOL_MAX_AGE);
+                if old {
+                    let _ = std::fs::remove_file(entry.path());
+                }
             }
         }
         Ok(FsStorage {
@@ -159,7 +171,6 @@ mod tests {
     #[tokio::test]
     async fn objects_round_trip_and_blobs_are_not_rewritten() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("tmp-leftover"), b"x").unwrap();
         let s = FsStorage::open(dir.path()).unwrap();
         let d = Digest::from_hex(&"ab".repeat(32)).unwrap();
         assert_eq!(s.blob_size(&d).await.unwrap(), None);

@@ -219,18 +219,28 @@ impl Storage {
         if self.create_object_if_absent(&object, lease.clone()).await? {
             return Ok(true);
         }
-        let expired = match self.read_object(&object).await? {
+        let holder = format!("{}:{}", hostname(), std::process::id());
+        let takeover = match self.read_object(&object).await? {
             None => true,
-            Some(bytes) => serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v.get("expires").and_then(|e| e.as_u64()))
+            Some(bytes) => match serde_json::from_slice::<serde_json::Value>(&bytes) {
                 // A lease being written right now reads as empty: still valid.
-                .is_some_and(|expires| expires <= now),
+                Err(_) => false,
+                Ok(v) => {
+                    let expired = v
+                        .get("expires")
+                        .and_then(|e| e.as_u64())
+                        .is_some_and(|expires| expires <= now);
+                    // Our own lease is left over from a build whose release failed
+                    // (storage was down); waiting for it would wait for ourselves.
+                    let ours = v.get("holder").and_then(|h| h.as_str()) == Some(&holder);
+                    expired || ours
+                }
+            },
         };
-        if !expired {
+        if !takeover {
             return Ok(false);
         }
-        log::info!("taking over expired lease {name}");
+        log::info!("taking over lease {name}");
         self.delete_object(&object).await?;
         self.create_object_if_absent(&object, lease).await
     }
