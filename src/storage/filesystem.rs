@@ -15,6 +15,8 @@ const SPOOL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(6 * 36
 pub struct FsStorage {
     root: PathBuf,
     spool: PathBuf,
+    /// Leases this process holds right now (see `Storage::acquire_lease`).
+    pub(crate) held_leases: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl FsStorage {
@@ -47,6 +49,7 @@ impl FsStorage {
         Ok(FsStorage {
             root: root.to_path_buf(),
             spool,
+            held_leases: Default::default(),
         })
     }
 

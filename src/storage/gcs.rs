@@ -69,6 +69,8 @@ pub struct GcsStorage {
     spool: PathBuf,
     uploads: AtomicU64,
     upload_slots: Semaphore,
+    /// Leases this process holds right now (see `Storage::acquire_lease`).
+    pub(crate) held_leases: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Why one attempt at an operation failed.
@@ -300,6 +302,7 @@ impl GcsStorage {
             spool: PathBuf::new(),
             uploads: AtomicU64::new(0),
             upload_slots: Semaphore::new(settings.upload_concurrency.max(1)),
+            held_leases: Default::default(),
         };
         storage.check_bucket(&endpoint, deadline).await?;
 

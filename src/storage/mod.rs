@@ -217,6 +217,10 @@ impl Storage {
             .to_string(),
         );
         if self.create_object_if_absent(&object, lease.clone()).await? {
+            self.held_leases()
+                .lock()
+                .expect("leases lock")
+                .insert(name.to_string());
             return Ok(true);
         }
         let holder = format!("{}:{}", hostname(), std::process::id());
@@ -230,10 +234,16 @@ impl Storage {
                         .get("expires")
                         .and_then(|e| e.as_u64())
                         .is_some_and(|expires| expires <= now);
-                    // Our own lease is left over from a build whose release failed
-                    // (storage was down); waiting for it would wait for ourselves.
-                    let ours = v.get("holder").and_then(|h| h.as_str()) == Some(&holder);
-                    expired || ours
+                    // Our own lease that no build of ours holds is left over from a
+                    // release that failed (storage was down): waiting for it would
+                    // wait for ourselves.
+                    let stale_own = v.get("holder").and_then(|h| h.as_str()) == Some(&holder)
+                        && !self
+                            .held_leases()
+                            .lock()
+                            .expect("leases lock")
+                            .contains(name);
+                    expired || stale_own
                 }
             },
         };
@@ -242,11 +252,26 @@ impl Storage {
         }
         log::info!("taking over lease {name}");
         self.delete_object(&object).await?;
-        self.create_object_if_absent(&object, lease).await
+        let taken = self.create_object_if_absent(&object, lease).await?;
+        if taken {
+            self.held_leases()
+                .lock()
+                .expect("leases lock")
+                .insert(name.to_string());
+        }
+        Ok(taken)
     }
 
     pub async fn release_lease(&self, name: &str) -> Result<(), StorageError> {
+        self.held_leases().lock().expect("leases lock").remove(name);
         self.delete_object(&format!("leases/{name}.json")).await
+    }
+
+    fn held_leases(&self) -> &std::sync::Mutex<std::collections::HashSet<String>> {
+        match self {
+            Storage::Filesystem(s) => &s.held_leases,
+            Storage::Gcs(s) => &s.held_leases,
+        }
     }
 
     pub fn locate(&self, digest: &Digest) -> BlobLocation {
