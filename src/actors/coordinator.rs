@@ -525,16 +525,8 @@ async fn build(
         None => load_image(c, RecordKind::Image, &image_key).await?,
     };
     if let Some(image) = known {
-        shared.stats.cache_hit("image");
-        log::info!(
-            "build {} [{}]: top-level paths known, image reused without building",
-            request.display_name(),
-            &key[..12]
-        );
-        if pinned {
-            store_record(c, RecordKind::Pinned, key, &image).await?;
-        }
-        return Ok(image);
+        let how = "top-level paths known, image reused without building";
+        return reuse(c, key, request, pinned, image, how).await;
     }
 
     // Replicas on the same storage build each image once: the lease holder builds,
@@ -550,16 +542,7 @@ async fn build(
         shared.update(key, |p| p.phase = "waiting for another replica".into());
         tokio::time::sleep(Duration::from_millis(500)).await;
         if let Some(image) = load_image(c, RecordKind::Image, &image_key).await? {
-            shared.stats.cache_hit("image");
-            log::info!(
-                "build {} [{}]: built by another replica",
-                request.display_name(),
-                &key[..12]
-            );
-            if pinned {
-                store_record(c, RecordKind::Pinned, key, &image).await?;
-            }
-            return Ok(image);
+            return reuse(c, key, request, pinned, image, "built by another replica").await;
         }
     }
     let result = assemble(c, key, request, &evaluation, &image_key, pinned).await;
@@ -568,6 +551,23 @@ async fn build(
         log::warn!("releasing lease {image_key}: {e}");
     }
     result
+}
+
+/// Answers with an image assembled earlier, remembering it for a pinned request.
+async fn reuse(
+    c: &BuildContext,
+    key: &str,
+    request: &ImageRequest,
+    pinned: bool,
+    image: Arc<BuiltImage>,
+    how: &str,
+) -> Result<Arc<BuiltImage>, BuildError> {
+    c.shared.stats.cache_hit("image");
+    log::info!("build {} [{}]: {how}", request.display_name(), &key[..12]);
+    if pinned {
+        store_record(c, RecordKind::Pinned, key, &image).await?;
+    }
+    Ok(image)
 }
 
 /// Realises the packages and assembles the image from layers, reusing every layer

@@ -59,20 +59,11 @@ impl Handler<PutBlobFile> for UploadActor {
 
     fn handle(&mut self, msg: PutBlobFile, _: &mut Self::Context) -> Self::Result {
         let storage = self.storage.clone();
-        let permits = self.permits.clone();
-        Box::pin(async move {
-            let _permit = permits
-                .acquire_owned()
-                .await
-                .expect("semaphore never closed");
-            let uploaded = storage
+        Box::pin(limited(self.permits.clone(), msg.size, async move {
+            storage
                 .put_blob_file(&msg.digest, &msg.file, msg.media_type)
-                .await?;
-            Ok(Put {
-                uploaded,
-                bytes: if uploaded { msg.size } else { 0 },
-            })
-        })
+                .await
+        }))
     }
 }
 
@@ -81,20 +72,28 @@ impl Handler<PutBlobBytes> for UploadActor {
 
     fn handle(&mut self, msg: PutBlobBytes, _: &mut Self::Context) -> Self::Result {
         let storage = self.storage.clone();
-        let permits = self.permits.clone();
-        Box::pin(async move {
-            let _permit = permits
-                .acquire_owned()
-                .await
-                .expect("semaphore never closed");
-            let size = msg.bytes.len() as u64;
-            let uploaded = storage
+        let size = msg.bytes.len() as u64;
+        Box::pin(limited(self.permits.clone(), size, async move {
+            storage
                 .put_blob_bytes(&msg.digest, msg.bytes, msg.media_type)
-                .await?;
-            Ok(Put {
-                uploaded,
-                bytes: if uploaded { size } else { 0 },
-            })
-        })
+                .await
+        }))
     }
+}
+
+/// Runs one put under the concurrency limit and reports what it sent.
+async fn limited(
+    permits: Arc<Semaphore>,
+    size: u64,
+    put: impl std::future::Future<Output = Result<bool, StorageError>>,
+) -> Result<Put, StorageError> {
+    let _permit = permits
+        .acquire_owned()
+        .await
+        .expect("semaphore never closed");
+    let uploaded = put.await?;
+    Ok(Put {
+        uploaded,
+        bytes: if uploaded { size } else { 0 },
+    })
 }
