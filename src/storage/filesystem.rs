@@ -22,7 +22,10 @@ pub struct FsStorage {
 impl FsStorage {
     /// Creates the directory layout and clears temporaries a crash left behind.
     pub fn open(root: &Path) -> Result<Self, StorageError> {
-        let spool = root.join("tmp");
+        // Each process spools into a directory of its own, so processes sharing the
+        // storage never clear each other's files.
+        let spool_root = root.join("tmp");
+        let spool = spool_root.join(super::lease_holder().replace(':', "-"));
         for dir in [
             root.join("blobs/sha256"),
             root.join("records"),
@@ -31,18 +34,28 @@ impl FsStorage {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| StorageError::io("create", dir.display().to_string(), e))?;
         }
-        // Leftovers of interrupted builds: nothing refers to them. Recent files may
-        // belong to another process sharing this storage, so only old ones go.
-        if let Ok(entries) = std::fs::read_dir(&spool) {
+        // Leftovers of interrupted builds, which nothing refers to: those of
+        // processes on this host that are gone, and anything old.
+        if let Ok(entries) = std::fs::read_dir(&spool_root) {
             for entry in entries.flatten() {
+                let path = entry.path();
+                if path == spool {
+                    continue;
+                }
+                let dead = entry
+                    .file_name()
+                    .to_string_lossy()
+                    .rsplit_once('-')
+                    .is_some_and(|(host, pid)| super::holder_is_dead(&format!("{host}:{pid}")));
                 let old = entry
                     .metadata()
                     .and_then(|m| m.modified())
                     .ok()
                     .and_then(|t| t.elapsed().ok())
                     .is_some_and(|age| age > SPOOL_MAX_AGE);
-                if old {
-                    let _ = std::fs::remove_file(entry.path());
+                if dead || old {
+                    // Best effort: a leftover that cannot be removed harms nothing.
+                    let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
                 }
             }
         }
@@ -223,5 +236,16 @@ mod tests {
             .unwrap());
         assert!(s.acquire_lease("img", ttl).await.unwrap());
         assert!(!s.acquire_lease("img", ttl).await.unwrap());
+        // A lease of a process on this host that is gone (killed and restarted).
+        s.release_lease("img").await.unwrap();
+        let dead = format!(
+            r#"{{"expires":99999999999,"holder":"{}:4294967"}}"#,
+            super::super::hostname()
+        );
+        assert!(s
+            .create_object_if_absent("leases/img.json", Bytes::from(dead))
+            .await
+            .unwrap());
+        assert!(s.acquire_lease("img", ttl).await.unwrap());
     }
 }

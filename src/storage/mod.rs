@@ -19,6 +19,23 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether the lease holder is a process on this host that no longer runs (killed
+/// mid-build and restarted, say); its lease need not be waited out.
+pub(crate) fn holder_is_dead(holder: &str) -> bool {
+    let Some((host, pid)) = holder.rsplit_once(':') else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    host == hostname() && pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// This process, as named in leases and spool directories: `host:pid`.
+pub(crate) fn lease_holder() -> String {
+    format!("{}:{}", hostname(), std::process::id())
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
@@ -212,7 +229,7 @@ impl Storage {
         let lease = Bytes::from(
             serde_json::json!({
                 "expires": now + ttl.as_secs(),
-                "holder": format!("{}:{}", hostname(), std::process::id()),
+                "holder": lease_holder(),
             })
             .to_string(),
         );
@@ -223,7 +240,7 @@ impl Storage {
                 .insert(name.to_string());
             return Ok(true);
         }
-        let holder = format!("{}:{}", hostname(), std::process::id());
+        let holder = lease_holder();
         let takeover = match self.read_object(&object).await? {
             None => true,
             Some(bytes) => match serde_json::from_slice::<serde_json::Value>(&bytes) {
@@ -237,13 +254,14 @@ impl Storage {
                     // Our own lease that no build of ours holds is left over from a
                     // release that failed (storage was down): waiting for it would
                     // wait for ourselves.
-                    let stale_own = v.get("holder").and_then(|h| h.as_str()) == Some(&holder)
+                    let lease_holder = v.get("holder").and_then(|h| h.as_str()).unwrap_or("");
+                    let stale_own = lease_holder == holder
                         && !self
                             .held_leases()
                             .lock()
                             .expect("leases lock")
                             .contains(name);
-                    expired || stale_own
+                    expired || stale_own || holder_is_dead(lease_holder)
                 }
             },
         };
