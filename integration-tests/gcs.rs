@@ -606,3 +606,37 @@ fn startup_with_a_missing_bucket_exits_with_one_line_naming_it() {
     );
     eprintln!("{}", lines[0]);
 }
+
+#[test]
+fn two_replicas_on_one_bucket_build_a_new_image_once() {
+    if !require_fake_gcs() {
+        return;
+    }
+    let gcs = FakeGcs::start(&[BUCKET]);
+    let first = start_server(&gcs, &[]);
+    let pkgs = first.pkgs_path().display().to_string();
+    let second = start_server(&gcs, &[("NIXERY_PKGS_PATH", &pkgs)]);
+    // Both replicas get the same new image at the same moment, twice each.
+    let barrier = std::sync::Barrier::new(4);
+    let digests: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = [&first, &second, &first, &second]
+            .into_iter()
+            .map(|server| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    manifest(server, "alpha/beta").0
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
+    let (a, b) = (work(&first), work(&second));
+    println!("replica 1: {a:?}\nreplica 2: {b:?}");
+    assert_eq!(a.builds + b.builds, 1, "exactly one build: {a:?} {b:?}");
+    assert_eq!(a.realisations + b.realisations, 1, "{a:?} {b:?}");
+    // The other replica waited for the lease holder's record and uploaded nothing.
+    let idle = if a.builds == 1 { &b } else { &a };
+    assert_eq!((idle.uploads, idle.bytes_uploaded), (0, 0), "{idle:?}");
+}

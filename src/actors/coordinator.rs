@@ -187,6 +187,16 @@ impl SharedState {
         self.failures.lock().expect("failures lock").clone()
     }
 
+    /// Moves a build to a new phase, with a log line so the build can be followed.
+    fn enter_phase(&self, key: &str, phase: &str) {
+        self.update(key, |p| {
+            if p.phase != phase {
+                log::info!("build {} [{}]: {phase}", p.image, &key[..12]);
+                p.phase = phase.to_string();
+            }
+        });
+    }
+
     fn update(&self, key: &str, f: impl FnOnce(&mut BuildProgress)) {
         if let Some(p) = self.progress.lock().expect("progress lock").get_mut(key) {
             f(p);
@@ -484,7 +494,7 @@ async fn build(
             return Ok(image);
         }
     }
-    shared.update(key, |p| p.phase = "evaluating".into());
+    shared.enter_phase(key, "evaluating");
     shared.stats.nix_evaluations.inc();
     let evaluation = c
         .workers
@@ -539,7 +549,7 @@ async fn build(
         {
             break;
         }
-        shared.update(key, |p| p.phase = "waiting for another replica".into());
+        shared.enter_phase(key, "waiting for another replica");
         tokio::time::sleep(Duration::from_millis(500)).await;
         if let Some(image) = load_image(c, RecordKind::Image, &image_key).await? {
             return reuse(c, key, request, pinned, image, "built by another replica").await;
@@ -581,7 +591,7 @@ async fn assemble(
     pinned: bool,
 ) -> Result<Arc<BuiltImage>, BuildError> {
     let shared = &c.shared;
-    shared.update(key, |p| p.phase = "building".into());
+    shared.enter_phase(key, "building");
     shared.stats.nix_realisations.inc();
     let closure = c
         .workers
@@ -606,6 +616,12 @@ async fn assemble(
     let plans = layers::group_layers(&top_level, &closure, &c.popularity, &c.params);
     shared.update(key, |p| {
         p.phase = "compressing and uploading".into();
+        log::info!(
+            "build {} [{}]: compressing and uploading {} layers",
+            p.image,
+            &key[..12],
+            p.layers_total
+        );
         p.layers_total = plans.len() + 1;
         p.bytes_total = total;
     });
