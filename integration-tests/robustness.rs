@@ -116,6 +116,41 @@ impl NixWrappers {
         fs::read_to_string(self.dir.path().join("nix.log")).unwrap_or_default()
     }
 
+    /// Prints the Nix calls so far, and which of them still run, if `done` is
+    /// not set within `after` (a watchdog for steps that might hang).
+    fn watchdog(&self, what: &'static str, after: Duration) -> Watchdog {
+        let log = self.dir.path().join("nix.log");
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        thread::spawn(move || {
+            let end = Instant::now() + after;
+            while Instant::now() < end {
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            let mut running = String::new();
+            for line in text.lines() {
+                if let Some(pid) = line.split(' ').next().and_then(|p| p.parse::<u32>().ok()) {
+                    if is_alive(pid) {
+                        let wchan =
+                            fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+                        running.push_str(&format!(
+                            "  {pid} [{wchan}] {}\n",
+                            cmdline(pid).chars().take(160).collect::<String>()
+                        ));
+                    }
+                }
+            }
+            eprintln!(
+                "WATCHDOG: {what} not done after {after:?}. Nix calls:\n{text}still running:\n{running}"
+            );
+        });
+        Watchdog(done)
+    }
+
     /// Polls until `cond` holds on the calls so far; panics after `limit`.
     fn wait_for(
         &self,
@@ -159,6 +194,15 @@ impl Drop for NixWrappers {
     }
 }
 
+/// Stops its watchdog thread when dropped.
+struct Watchdog(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Kills, on drop, the builders of one salted package set (by PID).
 struct BuilderReaper(String);
 
@@ -179,7 +223,13 @@ fn kill(pid: u32, signal: i32) {
 
 fn cmdline(pid: u32) -> String {
     fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .map(|b| {
+            String::from_utf8_lossy(&b)
+                .split(|c: char| c == '\0' || c.is_whitespace())
+                .filter(|w| !w.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .unwrap_or_default()
 }
 
@@ -728,9 +778,25 @@ fn build_past_nix_timeout_is_stopped_with_its_builder() {
         ("NIX_TIMEOUT", "3"),
     ]);
     let _reaper = BuilderReaper(server.salt().to_string());
+    // Build what `slow` shares with every image first, so that within the time
+    // limit the one builder running is `slow`'s, asleep.
+    pull(&server, "hello");
     let started = Instant::now();
-    let (status, _, body) = http_get(&manifest_url(&server, "slow"), &[]);
+    let request = spawn_request("GET", manifest_url(&server, "slow"));
+    let seen = wait_for_slow_builder(server.salt(), Duration::from_secs(10));
+    // Nix runs builders as a build user (nixbld*) in a session of their own, and
+    // kills every process of that user when it next hands the user to a build: an
+    // orphaned builder may be cleaned up by some later, unrelated build. So the
+    // builder is watched continuously from now on, and the bug is an orphan: a
+    // builder whose nix-store is gone while it still runs.
+    let watcher = OrphanWatcher::start(server.salt().to_string());
+    let (answer, _) = request.join().expect("request thread");
     let elapsed = started.elapsed();
+    let (status, _, body) = answer.expect("slow answered");
+    eprintln!(
+        "timeout: slow's builder ran as {seen:?}; answered {status} after {elapsed:?}: {}",
+        body_text(&body)
+    );
     assert_eq!(status, 400, "{}", body_text(&body));
     let (code, message) = error_of(&body).expect("JSON error body");
     assert_eq!(code, "MANIFEST_INVALID");
@@ -743,7 +809,7 @@ fn build_past_nix_timeout_is_stopped_with_its_builder() {
 
     // Nothing of the build may keep running: not nix-store, not the builder
     // (`sleep 30` under the salted busybox shell).
-    let end = Instant::now() + Duration::from_secs(5);
+    let end = Instant::now() + Duration::from_secs(3);
     let (nix_left, builders_left) = loop {
         let nix_left: Vec<u32> = nix
             .calls()
@@ -757,18 +823,92 @@ fn build_past_nix_timeout_is_stopped_with_its_builder() {
         }
         thread::sleep(Duration::from_millis(100));
     };
+    let orphans = watcher.stop();
+    eprintln!(
+        "timeout: after the answer: {} Nix processes, {} builder processes left; orphans seen: {orphans:?}",
+        nix_left.len(),
+        builders_left.len()
+    );
     assert!(
         nix_left.is_empty(),
-        "Nix still running 5 s after the timeout answer:\n{}",
+        "Nix still running 3 s after the timeout answer:\n{}",
         describe_pids(&nix_left)
     );
     assert!(
-        builders_left.is_empty(),
-        "the builder of `slow` still runs 5 s after the build was answered as timed out \
-         (the server SIGKILLs nix-store's process group, but Nix starts builders in a \
-         session of their own, so they survive):\n{}",
+        orphans.is_empty() && builders_left.is_empty(),
+        "the builder of `slow` outlived the nix-store that was stopped at NIX_TIMEOUT: \
+         orphaned builders seen {orphans:?} (pid, seen orphaned for, first seen at, counted from when the request was about to time out), \
+         still running 3 s after the answer:\n{}\n\
+         The server SIGKILLs nix-store's process group, but Nix starts builders in a \
+         session of their own as a build user, so they survive until their build user is \
+         reused by another build (or until they finish).",
         describe_pids(&builders_left)
     );
+}
+
+/// Samples, every 20 ms, the processes of one salted package set and records those
+/// that run without a Nix parent (orphaned builders: parent is init or a subreaper).
+struct OrphanWatcher {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<Vec<(u32, Duration, Duration)>>>,
+}
+
+impl OrphanWatcher {
+    fn start(salt: String) -> OrphanWatcher {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            let begun = Instant::now();
+            // pid -> (first seen, samples)
+            let mut seen: BTreeMap<u32, (Duration, u32)> = BTreeMap::new();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let pids = builder_pids(&salt);
+                for &pid in &pids {
+                    let parent = parent_pid(pid);
+                    let parent_is_builder = parent.is_some_and(|p| pids.contains(&p));
+                    let parent_is_nix = parent.is_some_and(|p| cmdline(p).contains("nix-"));
+                    if !parent_is_builder && !parent_is_nix {
+                        let e = seen.entry(pid).or_insert((begun.elapsed(), 0));
+                        e.1 += 1;
+                    }
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            seen.into_iter()
+                .filter(|(_, (_, samples))| *samples >= 2)
+                .map(|(pid, (first, samples))| (pid, Duration::from_millis(20) * samples, first))
+                .collect()
+        });
+        OrphanWatcher {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling; returns (pid, about how long seen orphaned, first seen at).
+    fn stop(mut self) -> Vec<(u32, Duration, Duration)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .map(|t| t.join().expect("watcher thread"))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for OrphanWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 // ---------------------------------------------------------------------------
@@ -899,6 +1039,7 @@ fn server_killed_mid_build_restarts_on_consistent_storage() {
     }
 
     let last = Server::start(&env);
+    let _watchdog = nix.watchdog("pulling from the restarted server", Duration::from_secs(30));
     let (blobs, records) = check_storage(Path::new(&storage));
     eprintln!("after {faults} kills: storage consistent ({blobs} blobs, {records} records)");
     let (hello_after, hello_manifest) = pull(&last, "hello");

@@ -92,7 +92,14 @@ pub fn run_watching(
         }
     };
     let Some(status) = status else {
-        kill_group(child.id());
+        // SIGTERM first: nix-store then stops its builders, which run in sessions of
+        // their own out of reach of a group kill; SIGKILL whatever is left after that.
+        signal_group(child.id(), libc::SIGTERM);
+        let grace = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < grace && matches!(child.try_wait(), Ok(None)) {
+            thread::sleep(Duration::from_millis(20));
+        }
+        signal_group(child.id(), libc::SIGKILL);
         let _ = child.wait();
         let stderr = err.join().unwrap_or_default();
         let _ = out.join();
@@ -115,10 +122,10 @@ pub fn run_watching(
     }
 }
 
-fn kill_group(pid: u32) {
+fn signal_group(pid: u32, signal: i32) {
     // SAFETY: kill(2) with a negative pid signals the process group the child leads.
     unsafe {
-        libc::kill(-(pid as i32), libc::SIGKILL);
+        libc::kill(-(pid as i32), signal);
     }
 }
 
