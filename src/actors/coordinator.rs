@@ -523,7 +523,7 @@ async fn build(
     let remembered = match remembered {
         // Storage can lose blobs behind our back (a bucket emptied, restored from
         // an older backup): a remembered image is served only while its blobs exist.
-        Some(image) if all_stored(c, &image_blobs(&image)).await? => Some(image),
+        Some(image) if image_is_stored(c, &image).await? => Some(image),
         Some(_) => {
             c.images.lock().expect("image memo lock").remove(&image_key);
             None
@@ -774,8 +774,9 @@ async fn store_record(
         .map_err(storage_error)
 }
 
-/// Every blob an image names: both manifests, the config and the layers.
-fn image_blobs(image: &BuiltImage) -> Vec<Digest> {
+/// Every blob an image names: both manifests, the config and the layers; None when
+/// its manifest is not one this registry wrote.
+fn image_blobs(image: &BuiltImage) -> Option<Vec<Digest>> {
     #[derive(Deserialize)]
     struct Desc {
         digest: String,
@@ -785,18 +786,23 @@ fn image_blobs(image: &BuiltImage) -> Vec<Digest> {
         config: Desc,
         layers: Vec<Desc>,
     }
+    let parsed: Parsed = serde_json::from_slice(&image.docker.bytes).ok()?;
     let mut blobs = vec![image.docker.digest.clone(), image.oci.digest.clone()];
-    if let Ok(parsed) = serde_json::from_slice::<Parsed>(&image.docker.bytes) {
-        blobs.extend(
-            std::iter::once(&parsed.config)
-                .chain(parsed.layers.iter())
-                .filter_map(|d| Digest::parse(&d.digest).ok()),
-        );
+    for d in std::iter::once(&parsed.config).chain(parsed.layers.iter()) {
+        blobs.push(Digest::parse(&d.digest).ok()?);
     }
-    blobs
+    Some(blobs)
 }
 
-/// Whether storage holds every blob; those it lacks are forgotten as known blobs.
+/// Whether storage still holds every blob of the image. Those it lacks are
+/// forgotten as known blobs; those it has are remembered.
+async fn image_is_stored(c: &BuildContext, image: &BuiltImage) -> Result<bool, BuildError> {
+    match image_blobs(image) {
+        Some(blobs) => all_stored(c, &blobs).await,
+        None => Ok(false),
+    }
+}
+
 async fn all_stored(c: &BuildContext, blobs: &[Digest]) -> Result<bool, BuildError> {
     let sizes = futures::future::join_all(blobs.iter().map(|d| c.storage.blob_size(d))).await;
     let mut all = true;
@@ -805,12 +811,14 @@ async fn all_stored(c: &BuildContext, blobs: &[Digest]) -> Result<bool, BuildErr
             log::warn!("blob {d} is no longer stored");
             c.shared.forget_blob(d);
             all = false;
+        } else {
+            c.shared.remember_blob(d);
         }
     }
     Ok(all)
 }
 
-/// Reads an image record and checks that every blob it names is stored.
+/// Reads an image record; None unless every blob it names is stored.
 async fn load_image(
     c: &BuildContext,
     kind: RecordKind,
@@ -828,53 +836,22 @@ async fn load_image(
         log::warn!("ignoring unreadable image record {key}");
         return Ok(None);
     };
-    #[derive(Deserialize)]
-    struct Desc {
-        digest: String,
-    }
-    #[derive(Deserialize)]
-    struct Parsed {
-        config: Desc,
-        layers: Vec<Desc>,
-    }
-    let docker = Bytes::from(record.docker.into_bytes());
-    let oci = Bytes::from(record.oci.into_bytes());
-    let Ok(parsed) = serde_json::from_slice::<Parsed>(&docker) else {
-        return Ok(None);
+    let manifest = |text: String| {
+        let bytes = Bytes::from(text.into_bytes());
+        StoredManifest {
+            digest: digest_of(&bytes),
+            bytes,
+        }
     };
-    let docker_digest = digest_of(&docker);
-    let oci_digest = digest_of(&oci);
-    let mut needed = vec![docker_digest.clone(), oci_digest.clone()];
-    for d in std::iter::once(&parsed.config).chain(parsed.layers.iter()) {
-        match Digest::parse(&d.digest) {
-            Ok(d) => needed.push(d),
-            Err(_) => return Ok(None),
-        }
+    let image = BuiltImage {
+        docker: manifest(record.docker),
+        oci: manifest(record.oci),
+    };
+    if !image_is_stored(c, &image).await? {
+        log::warn!("image record {key} names a missing blob; rebuilding");
+        return Ok(None);
     }
-    for d in &needed {
-        if c.storage
-            .blob_size(d)
-            .await
-            .map_err(storage_error)?
-            .is_none()
-        {
-            log::warn!("image record {key} names missing blob {d}; rebuilding");
-            return Ok(None);
-        }
-    }
-    for d in &needed {
-        c.shared.remember_blob(d);
-    }
-    Ok(Some(Arc::new(BuiltImage {
-        docker: StoredManifest {
-            digest: docker_digest,
-            bytes: docker,
-        },
-        oci: StoredManifest {
-            digest: oci_digest,
-            bytes: oci,
-        },
-    })))
+    Ok(Some(Arc::new(image)))
 }
 
 /// One layer: reused when this process or storage already has it, otherwise packed
