@@ -93,16 +93,13 @@ async fn dispatch(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse 
 }
 
 async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, RegistryError> {
-    let head = match *req.method() {
-        Method::GET => false,
-        Method::HEAD => true,
-        _ => {
-            return Err(RegistryError::unsupported(format!(
-                "{} is not supported: this registry builds images and accepts no uploads",
-                req.method()
-            )))
-        }
-    };
+    // GET and HEAD share every path below: actix-web drops HEAD bodies itself.
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return Err(RegistryError::unsupported(format!(
+            "{} is not supported: this registry builds images and accepts no uploads",
+            req.method()
+        )));
+    }
     match parse_route(req.path(), state.limits.max_name_length)? {
         Route::Base => Ok(HttpResponse::Ok()
             .insert_header(("Docker-Distribution-API-Version", "registry/2.0"))
@@ -140,7 +137,7 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
                 }
             };
             let m = image.manifest(format);
-            Ok(manifest_response(format, &m.digest, m.bytes.clone(), head))
+            Ok(manifest_response(format, &m.digest, m.bytes.clone()))
         }
         Route::Manifest {
             reference: Reference::Digest(digest),
@@ -152,7 +149,7 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
             };
             let format = manifest::declared_media_type(&bytes)
                 .ok_or_else(|| RegistryError::manifest_unknown(&digest.to_string()))?;
-            Ok(manifest_response(format, &digest, bytes, head))
+            Ok(manifest_response(format, &digest, bytes))
         }
         Route::Blob { digest, .. } => blob(req, state, digest).await,
     }
@@ -191,12 +188,7 @@ async fn stored_manifest(state: &AppState, digest: &Digest) -> Result<Bytes, Reg
     Ok(bytes)
 }
 
-fn manifest_response(
-    format: ManifestFormat,
-    digest: &Digest,
-    bytes: Bytes,
-    head: bool,
-) -> HttpResponse {
+fn manifest_response(format: ManifestFormat, digest: &Digest, bytes: Bytes) -> HttpResponse {
     let mut response = HttpResponse::Ok();
     response
         .insert_header((header::CONTENT_TYPE, format.media_type()))
@@ -205,7 +197,6 @@ fn manifest_response(
         .insert_header((header::ETAG, format!("\"{digest}\"")));
     // actix-web drops the body of a HEAD response but keeps its Content-Length, so
     // HEAD and GET always agree on it.
-    let _ = head;
     response.body(bytes)
 }
 
