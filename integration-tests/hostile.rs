@@ -16,75 +16,29 @@
 
 mod common;
 
-use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{http_request, sha256_digest, which, Headers, Server};
+use common::{http_request, sha256_digest, Headers, NixWrappers, Server};
 
 // ---------------------------------------------------------------------------
 // Helpers
 
-/// Counting wrappers for `nix-instantiate` and `nix-store`: every call appends a
-/// line `PROGRAM ARGS` to a log, then runs the real program.
-struct NixCounter {
-    dir: tempfile::TempDir,
+/// The one assertion these tests make of the counting wrappers.
+trait NoNix {
+    fn assert_none(&self, what: &str);
 }
 
-impl NixCounter {
-    fn new() -> NixCounter {
-        let dir = tempfile::Builder::new()
-            .prefix("nixery-nixcount-")
-            .tempdir()
-            .expect("create wrapper dir");
-        let log = dir.path().join("nix.log");
-        fs::write(&log, "").expect("create log");
-        for program in ["nix-instantiate", "nix-store"] {
-            let real = which(program)
-                .filter(|p| !p.starts_with(dir.path()))
-                .unwrap_or_else(|| PathBuf::from("/usr/bin").join(program));
-            let script = format!(
-                "#!/bin/sh\nprintf '%s %s\\n' {program} \"$*\" >> '{}'\nexec '{}' \"$@\"\n",
-                log.display(),
-                real.display()
-            );
-            let path = dir.path().join(program);
-            fs::write(&path, script).expect("write wrapper");
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod");
-        }
-        NixCounter { dir }
-    }
-
-    fn bin_dir(&self) -> String {
-        self.dir.path().display().to_string()
-    }
-
-    fn lines(&self) -> Vec<String> {
-        fs::read_to_string(self.dir.path().join("nix.log"))
-            .unwrap_or_default()
-            .lines()
-            .map(String::from)
-            .collect()
-    }
-
-    fn count(&self, program: &str) -> usize {
-        self.lines()
-            .iter()
-            .filter(|l| l.starts_with(&format!("{program} ")))
-            .count()
-    }
-
+impl NoNix for NixWrappers {
     fn assert_none(&self, what: &str) {
-        let lines = self.lines();
+        let calls = self.calls();
         assert!(
-            lines.is_empty(),
+            calls.is_empty(),
             "{what} reached Nix ({} calls):\n{}",
-            lines.len(),
-            lines.join("\n")
+            calls.len(),
+            self.log_text()
         );
     }
 }
@@ -322,7 +276,7 @@ const HEX: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b
 
 #[test]
 fn hostile_names_tags_digests_and_routes_never_reach_nix() {
-    let nix = NixCounter::new();
+    let nix = NixWrappers::new();
     let server = Server::start(&[("NIXERY_NIX__BIN_DIR", &nix.bin_dir())]);
     let m = |name: &str| format!("/v2/{name}/manifests/latest");
     let b = |digest: &str| format!("/v2/hello/blobs/{digest}");
@@ -468,7 +422,7 @@ fn hostile_names_tags_digests_and_routes_never_reach_nix() {
 
 #[test]
 fn malformed_requests_are_refused_and_the_server_survives() {
-    let nix = NixCounter::new();
+    let nix = NixWrappers::new();
     // An empty request is a stalled one (leading empty lines are skipped): keep
     // the client request timeout short so it is cut off quickly.
     let server = Server::start(&[
@@ -571,7 +525,7 @@ fn malformed_requests_are_refused_and_the_server_survives() {
 
 #[test]
 fn every_method_on_a_manifest_url() {
-    let nix = NixCounter::new();
+    let nix = NixWrappers::new();
     let server = Server::start(&[("NIXERY_NIX__BIN_DIR", &nix.bin_dir())]);
     let target = b"/v2/hello/manifests/latest";
     let body = "Content-Type: application/vnd.docker.distribution.manifest.v2+json\r\nContent-Length: 2\r\n";
@@ -627,7 +581,7 @@ fn every_method_on_a_manifest_url() {
 
 #[test]
 fn request_head_over_the_limit_gets_431_json() {
-    let nix = NixCounter::new();
+    let nix = NixWrappers::new();
     let server = Server::start(&[
         ("NIXERY_NIX__BIN_DIR", &nix.bin_dir()),
         ("NIXERY_LIMITS__MAX_HEADER_BYTES", "4096"),
@@ -682,7 +636,7 @@ fn request_head_over_the_limit_gets_431_json() {
 #[test]
 fn slow_loris_connections_are_cut_off_and_do_not_block_others() {
     const STALLED: usize = 50;
-    let nix = NixCounter::new();
+    let nix = NixWrappers::new();
     let server = Server::start(&[
         ("NIXERY_NIX__BIN_DIR", &nix.bin_dir()),
         ("NIXERY_SERVER__CLIENT_REQUEST_TIMEOUT_SECS", "2"),
@@ -814,7 +768,7 @@ fn slow_loris_connections_are_cut_off_and_do_not_block_others() {
 
 #[test]
 fn too_many_packages_are_refused_before_nix() {
-    let nix = NixCounter::new();
+    let nix = NixWrappers::new();
     let server = Server::start(&[
         ("NIXERY_NIX__BIN_DIR", &nix.bin_dir()),
         ("NIXERY_LIMITS__MAX_PACKAGES", "3"),
@@ -852,7 +806,7 @@ fn too_many_packages_are_refused_before_nix() {
 
 #[test]
 fn nix_looking_valid_names_are_looked_up_as_data() {
-    let nix = NixCounter::new();
+    let nix = NixWrappers::new();
     let server = Server::start(&[("NIXERY_NIX__BIN_DIR", &nix.bin_dir())]);
     let names = [
         "builtins.abort",
@@ -888,14 +842,14 @@ fn nix_looking_valid_names_are_looked_up_as_data() {
     assert_eq!(
         nix.count("nix-instantiate"),
         names.len(),
-        "{:?}",
-        nix.lines()
+        "{}",
+        nix.log_text()
     );
     assert_eq!(
         nix.count("nix-store"),
         0,
-        "a name that is no package was built: {:?}",
-        nix.lines()
+        "a name that is no package was built: {}",
+        nix.log_text()
     );
     assert_healthy(&server);
 }

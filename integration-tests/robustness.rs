@@ -18,82 +18,20 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{http_get, http_request, sha256_digest, which, Headers, Server};
+use common::{http_get, http_request, sha256_digest, Headers, NixWrappers, Server};
 
 // ---------------------------------------------------------------------------
 // Helpers
 
-/// Counting wrappers for `nix-instantiate` and `nix-store`.
-struct NixWrappers {
-    dir: tempfile::TempDir,
-}
-
+/// Queries over the shared counting wrappers that only these tests need.
 impl NixWrappers {
-    fn new() -> NixWrappers {
-        let dir = tempfile::Builder::new()
-            .prefix("nixery-nixwrap-")
-            .tempdir()
-            .expect("create wrapper dir");
-        let log = dir.path().join("nix.log");
-        let delay = dir.path().join("realise-delay");
-        fs::write(&log, "").expect("create wrapper log");
-        for program in ["nix-instantiate", "nix-store"] {
-            let real = which(program)
-                .filter(|p| !p.starts_with(dir.path()))
-                .unwrap_or_else(|| PathBuf::from("/usr/bin").join(program));
-            let script = format!(
-                "#!/bin/sh\n\
-                 printf '%s %s %s\\n' \"$$\" {program} \"$*\" >> '{log}'\n\
-                 case \" $* \" in\n\
-                 *' --realise '*) if [ -f '{delay}' ]; then sleep \"$(cat '{delay}')\"; fi ;;\n\
-                 esac\n\
-                 exec '{real}' \"$@\"\n",
-                log = log.display(),
-                delay = delay.display(),
-                real = real.display(),
-            );
-            let path = dir.path().join(program);
-            fs::write(&path, script).expect("write wrapper");
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod wrapper");
-        }
-        NixWrappers { dir }
-    }
-
-    fn bin_dir(&self) -> String {
-        self.dir.path().display().to_string()
-    }
-
-    /// Makes every later `nix-store --realise` sleep `secs` seconds first.
-    fn set_realise_delay(&self, secs: &str) {
-        fs::write(self.dir.path().join("realise-delay"), secs).expect("write delay");
-    }
-
-    /// `(pid, program, args)` of every Nix call so far.
-    fn calls(&self) -> Vec<(u32, String, String)> {
-        fs::read_to_string(self.dir.path().join("nix.log"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| {
-                let mut it = l.splitn(3, ' ');
-                let pid = it.next()?.parse().ok()?;
-                let program = it.next()?.to_string();
-                let args = it.next().unwrap_or("").to_string();
-                Some((pid, program, args))
-            })
-            .collect()
-    }
-
     fn instantiations(&self) -> usize {
-        self.calls()
-            .iter()
-            .filter(|(_, p, _)| p == "nix-instantiate")
-            .count()
+        self.count("nix-instantiate")
     }
 
     fn realisations(&self) -> usize {
@@ -112,14 +50,10 @@ impl NixWrappers {
         self.calls().len()
     }
 
-    fn log_text(&self) -> String {
-        fs::read_to_string(self.dir.path().join("nix.log")).unwrap_or_default()
-    }
-
     /// Prints the Nix calls so far, and which of them still run, if `done` is
     /// not set within `after` (a watchdog for steps that might hang).
     fn watchdog(&self, what: &'static str, after: Duration) -> Watchdog {
-        let log = self.dir.path().join("nix.log");
+        let log = self.log_path();
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = done.clone();
         thread::spawn(move || {

@@ -1137,3 +1137,83 @@ impl Drop for FakeGcs {
         self.stop();
     }
 }
+
+// ---------------------------------------------------------------------------
+// Counting Nix wrappers
+
+/// Wrappers for `nix-instantiate` and `nix-store`, for the server's `nix.bin_dir`:
+/// every call appends `PID PROGRAM ARGS` to a log, then runs the real program.
+/// A file `realise-delay` holding seconds makes each `nix-store --realise` sleep
+/// that long first, so concurrent requests surely overlap one build.
+pub struct NixWrappers {
+    dir: TempDir,
+}
+
+impl NixWrappers {
+    pub fn new() -> NixWrappers {
+        let dir = tempfile::Builder::new()
+            .prefix("nixery-nixwrap-")
+            .tempdir()
+            .expect("create wrapper dir");
+        let log = dir.path().join("nix.log");
+        let delay = dir.path().join("realise-delay");
+        fs::write(&log, "").expect("create wrapper log");
+        for program in ["nix-instantiate", "nix-store"] {
+            let real = which(program)
+                .filter(|p| !p.starts_with(dir.path()))
+                .unwrap_or_else(|| PathBuf::from("/usr/bin").join(program));
+            let script = format!(
+                "#!/bin/sh\n\
+                 printf '%s %s %s\\n' \"$$\" {program} \"$*\" >> '{log}'\n\
+                 case \" $* \" in\n\
+                 *' --realise '*) if [ -f '{delay}' ]; then sleep \"$(cat '{delay}')\"; fi ;;\n\
+                 esac\n\
+                 exec '{real}' \"$@\"\n",
+                log = log.display(),
+                delay = delay.display(),
+                real = real.display(),
+            );
+            let path = dir.path().join(program);
+            fs::write(&path, script).expect("write wrapper");
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod wrapper");
+        }
+        NixWrappers { dir }
+    }
+
+    pub fn bin_dir(&self) -> String {
+        self.dir.path().display().to_string()
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("nix.log")
+    }
+
+    /// Makes every later `nix-store --realise` sleep `secs` seconds first.
+    pub fn set_realise_delay(&self, secs: &str) {
+        fs::write(self.dir.path().join("realise-delay"), secs).expect("write delay");
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// `(pid, program, args)` of every Nix call so far.
+    pub fn calls(&self) -> Vec<(u32, String, String)> {
+        self.log_text()
+            .lines()
+            .filter_map(|l| {
+                let mut it = l.splitn(3, ' ');
+                let pid = it.next()?.parse().ok()?;
+                let program = it.next()?.to_string();
+                let args = it.next().unwrap_or("").to_string();
+                Some((pid, program, args))
+            })
+            .collect()
+    }
+
+    /// Calls of one program so far.
+    pub fn count(&self, program: &str) -> usize {
+        self.calls().iter().filter(|(_, p, _)| p == program).count()
+    }
+}
