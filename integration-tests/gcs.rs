@@ -274,15 +274,8 @@ fn blob_redirects_are_signed_and_containerd_pulls_and_runs_hello() {
     let ctrd = Containerd::start();
     let ns = format!("nixery-{}", random_hex());
     let image = format!("{}/hello:latest", server.addr());
-    run_ok(
-        ctrd.ctr(&ns)
-            .args(["image", "pull", "--plain-http", &image]),
-    );
-    let id = format!("t-{}", random_hex());
-    let out = run_ok(
-        ctrd.ctr(&ns)
-            .args(["run", "--rm", &image, &id, "/bin/hello"]),
-    );
+    ctrd.pull(&ns, &image);
+    let out = ctrd.run(&ns, &image, &["/bin/hello"]);
     assert_eq!(out.stdout.trim(), "Hello, world!", "{out}");
 }
 

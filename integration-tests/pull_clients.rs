@@ -124,21 +124,14 @@ fn containerd_pull_and_run_hello() {
     let ns = format!("nixery-{}", random_hex());
     let image = format!("{}/hello:latest", server.addr());
 
-    run_ok(
-        ctrd.ctr(&ns)
-            .args(["image", "pull", "--plain-http", &image]),
-    );
+    ctrd.pull(&ns, &image);
     let list = run_ok(ctrd.ctr(&ns).args(["image", "ls", "-q"]));
     assert!(
         list.stdout.lines().any(|l| l == image),
         "image not listed:\n{list}"
     );
 
-    let id = format!("t-{}", random_hex());
-    let out = run_ok(
-        ctrd.ctr(&ns)
-            .args(["run", "--rm", &image, &id, "/bin/hello"]),
-    );
+    let out = ctrd.run(&ns, &image, &["/bin/hello"]);
     assert_eq!(out.stdout.trim(), "Hello, world!", "{out}");
 }
 

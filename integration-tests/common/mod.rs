@@ -800,6 +800,24 @@ impl Containerd {
         cmd
     }
 
+    /// Pulls `image` from a plain-HTTP registry into `namespace`.
+    pub fn pull(&self, namespace: &str, image: &str) -> CmdOutput {
+        run_ok(
+            self.ctr(namespace)
+                .args(["image", "pull", "--plain-http", image]),
+        )
+    }
+
+    /// Runs `cmd` in a throwaway container of `image` and returns its output.
+    pub fn run(&self, namespace: &str, image: &str, cmd: &[&str]) -> CmdOutput {
+        let id = format!("t-{}", random_hex());
+        run_ok(
+            self.ctr(namespace)
+                .args(["run", "--rm", image, &id])
+                .args(cmd),
+        )
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
