@@ -66,7 +66,14 @@ pub struct StorageSettings {
     pub credentials: String,
     pub signed_url_ttl_secs: u64,
     pub upload_concurrency: usize,
-    pub spool_path: String,
+    pub upload_chunk_mib: usize,
+}
+
+impl StorageSettings {
+    /// Whole MiB are always the multiple of 256 KiB that GCS requires of chunks.
+    pub fn upload_chunk_bytes(&self) -> usize {
+        self.upload_chunk_mib << 20
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -242,6 +249,9 @@ impl Settings {
         }
         if self.storage.upload_concurrency == 0 {
             return err("storage.upload_concurrency", "must be at least 1");
+        }
+        if !(1..=256).contains(&self.storage.upload_chunk_mib) {
+            return err("storage.upload_chunk_mib", "must be between 1 and 256");
         }
         if self.limits.max_packages == 0 || self.limits.max_name_length == 0 {
             return err(

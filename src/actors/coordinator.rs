@@ -14,8 +14,8 @@
 //! name, and checked against storage when read, so a record never leads to a missing
 //! blob.
 
-use crate::actors::nix_worker::{Evaluate, NixWorker, PackLayer, PackSymlinkLayer, Realise};
-use crate::actors::upload::{Put, PutBlobBytes, PutBlobFile, UploadActor};
+use crate::actors::nix_worker::{Evaluate, LayerContents, NixWorker, Pack, PackedLayer, Realise};
+use crate::actors::upload::{Put, PutBlobBytes, PutBlobStream, UploadActor};
 use crate::error::BuildError;
 use crate::image::ImageRequest;
 use crate::layers::{self, LayerParams, LayerPlan, Popularity};
@@ -23,7 +23,7 @@ use crate::manifest::{self, LayerEntry, ManifestFormat, RuntimeConfig};
 use crate::metrics::Metrics;
 use crate::nix::{Evaluation, SourceArgs};
 use crate::reference::Digest;
-use crate::storage::{RecordKind, Storage, StorageError};
+use crate::storage::{self, RecordKind, Storage, StorageError};
 use actix::prelude::*;
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -670,15 +670,8 @@ async fn assemble(
             packages.push(path);
         }
     }
-    let (packed, info) = c
-        .workers
-        .send(PackSymlinkLayer {
-            packages,
-            spool_dir: c.storage.spool_dir().to_path_buf(),
-        })
-        .await
-        .map_err(mailbox)??;
-    let put = put_file(c, &packed.file, &packed.summary.digest, packed.summary.size).await?;
+    let (packed, put) = pack(c, LayerContents::Symlinks(packages)).await?;
+    let info = packed.symlinks.unwrap_or_default();
     uploaded += put.bytes;
     entries.push(LayerEntry {
         digest: packed.summary.digest.clone(),
@@ -924,15 +917,8 @@ async fn build_layer(
             }
         }
     }
-    let packed = c
-        .workers
-        .send(PackLayer {
-            paths: plan.paths.iter().map(PathBuf::from).collect(),
-            spool_dir: c.storage.spool_dir().to_path_buf(),
-        })
-        .await
-        .map_err(mailbox)??;
-    let put = put_file(c, &packed.file, &packed.summary.digest, packed.summary.size).await?;
+    let paths = plan.paths.iter().map(PathBuf::from).collect();
+    let (packed, put) = pack(c, LayerContents::Store(paths)).await?;
     let record = LayerRecord {
         digest: packed.summary.digest.clone(),
         diff_id: packed.summary.diff_id.clone(),
@@ -968,27 +954,34 @@ fn done_from_record(record: &LayerRecord, reused: bool, uploaded: u64) -> LayerD
     }
 }
 
-async fn put_file(
-    c: &BuildContext,
-    file: &std::path::Path,
-    digest: &str,
-    size: u64,
-) -> Result<Put, BuildError> {
-    let digest = Digest::parse(digest)
-        .map_err(|e| BuildError::Internal(format!("layer digest {digest}: {e}")))?;
-    let put = c
-        .uploader
-        .send(PutBlobFile {
-            digest: digest.clone(),
-            file: file.to_path_buf(),
-            size,
+/// Packs a layer on a worker while storage takes it in, chunk by chunk.
+async fn pack(c: &BuildContext, contents: LayerContents) -> Result<(PackedLayer, Put), BuildError> {
+    let (sink, pieces) = storage::stream::channel(c.storage.stream_chunk());
+    let (packed, put) = futures::join!(
+        c.workers.send(Pack { contents, sink }),
+        c.uploader.send(PutBlobStream {
+            pieces,
             media_type: manifest::DOCKER_LAYER,
         })
-        .await
-        .map_err(mailbox)?
-        .map_err(storage_error)?;
+    );
+    // Each side stops when the other does; the storage failure is the cause unless
+    // storage only saw the packer stop.
+    let packed = packed.map_err(mailbox)?;
+    let put = match put.map_err(mailbox)? {
+        Err(StorageError::Abandoned) => {
+            return Err(packed.err().unwrap_or_else(|| {
+                BuildError::Internal("the packed layer did not reach storage".into())
+            }))
+        }
+        Err(e) => return Err(storage_error(e)),
+        Ok(put) => put,
+    };
+    let packed = packed?;
+    let digest = Digest::parse(&packed.summary.digest).map_err(|e| {
+        BuildError::Internal(format!("layer digest {}: {e}", packed.summary.digest))
+    })?;
     c.shared.remember_blob(&digest);
-    Ok(put)
+    Ok((packed, put))
 }
 
 async fn put_bytes(

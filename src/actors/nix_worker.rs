@@ -1,17 +1,18 @@
 //! NixWorker: a pool of synchronous actors (one thread each) that run Nix and pack
-//! layers. Both block (on a subprocess, or on tar and gzip), so each worker does one
-//! job at a time and the pool size bounds how many run at once.
+//! layers. Both block (on a subprocess, or on tar and gzip, and on storage taking
+//! the chunks), so each worker does one job at a time and the pool size bounds how
+//! many run at once.
 
 use crate::archive::{self, LayerSummary, SymlinkLayerInfo};
 use crate::error::BuildError;
 use crate::layers::StorePathInfo;
 use crate::nix::{self, Evaluation, SourceArgs};
 use crate::process::{self, RunError};
+use crate::reference::Digest;
+use crate::storage::stream::BlobSender;
 use actix::prelude::*;
-use std::fs::File;
-use std::io::BufWriter;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Resolve the packages of an image to derivations and output paths.
 #[derive(Message)]
@@ -32,27 +33,29 @@ pub struct Realise {
     pub progress: Box<dyn Fn(String) + Send>,
 }
 
-/// Write one layer of store paths into a spool file.
+/// What goes into a layer.
+pub enum LayerContents {
+    /// Store paths, whole.
+    Store(Vec<PathBuf>),
+    /// The image's `/bin`, `/etc`, … as symlinks into these packages.
+    Symlinks(Vec<PathBuf>),
+}
+
+/// Pack a layer into `sink`, which hands it to storage chunk by chunk as it is
+/// compressed.
 #[derive(Message)]
 #[rtype(result = "Result<PackedLayer, BuildError>")]
-pub struct PackLayer {
-    pub paths: Vec<PathBuf>,
-    pub spool_dir: PathBuf,
+pub struct Pack {
+    pub contents: LayerContents,
+    pub sink: BlobSender,
 }
 
-/// Write the symlink layer (the image's `/bin`, `/etc`, … pointing into the store).
-#[derive(Message)]
-#[rtype(result = "Result<(PackedLayer, SymlinkLayerInfo), BuildError>")]
-pub struct PackSymlinkLayer {
-    pub packages: Vec<PathBuf>,
-    pub spool_dir: PathBuf,
-}
-
-/// A layer written to a spool file, with the digests computed while writing it.
+/// What packing computed while writing.
 #[derive(Debug)]
 pub struct PackedLayer {
-    pub file: PathBuf,
     pub summary: LayerSummary,
+    /// For a symlink layer.
+    pub symlinks: Option<SymlinkLayerInfo>,
 }
 
 pub struct NixWorker {
@@ -150,63 +153,33 @@ impl Handler<Realise> for NixWorker {
     }
 }
 
-fn spool_file(dir: &Path) -> Result<(PathBuf, BufWriter<File>), BuildError> {
-    let path = dir.join(format!(".layer-{:016x}", rand::random::<u64>()));
-    let file = File::create(&path)
-        .map_err(|e| BuildError::Storage(format!("create {}: {e}", path.display())))?;
-    Ok((path, BufWriter::with_capacity(1 << 20, file)))
-}
-
-fn finish_spool(path: &Path, w: BufWriter<File>) -> Result<(), BuildError> {
-    let file = w
-        .into_inner()
-        .map_err(|e| BuildError::Storage(format!("write {}: {}", path.display(), e.error())))?;
-    file.sync_data()
-        .map_err(|e| BuildError::Storage(format!("sync {}: {e}", path.display())))
-}
-
-impl Handler<PackLayer> for NixWorker {
+impl Handler<Pack> for NixWorker {
     type Result = Result<PackedLayer, BuildError>;
 
-    fn handle(&mut self, msg: PackLayer, _: &mut Self::Context) -> Self::Result {
-        let (path, writer) = spool_file(&msg.spool_dir)?;
-        let result =
-            archive::write_store_layer(Path::new("/"), &msg.paths, self.gzip_level, writer)
-                .map_err(|e| BuildError::Internal(format!("packing layer: {e}")))
-                .and_then(|(w, summary)| finish_spool(&path, w).map(|_| summary));
-        match result {
-            Ok(summary) => Ok(PackedLayer {
-                file: path,
-                summary,
-            }),
-            Err(e) => {
-                let _ = std::fs::remove_file(&path);
-                Err(e)
+    fn handle(&mut self, msg: Pack, _: &mut Self::Context) -> Self::Result {
+        let started = Instant::now();
+        let level = self.gzip_level;
+        let (sink, summary, symlinks) = match &msg.contents {
+            LayerContents::Store(paths) => {
+                archive::write_store_layer(Path::new("/"), paths, level, msg.sink)
+                    .map(|(w, s)| (w, s, None))
+            }
+            LayerContents::Symlinks(packages) => {
+                archive::write_symlink_layer(packages, level, msg.sink)
+                    .map(|(w, s, info)| (w, s, Some(info)))
             }
         }
-    }
-}
-
-impl Handler<PackSymlinkLayer> for NixWorker {
-    type Result = Result<(PackedLayer, SymlinkLayerInfo), BuildError>;
-
-    fn handle(&mut self, msg: PackSymlinkLayer, _: &mut Self::Context) -> Self::Result {
-        let (path, writer) = spool_file(&msg.spool_dir)?;
-        let result = archive::write_symlink_layer(&msg.packages, self.gzip_level, writer)
-            .map_err(|e| BuildError::Internal(format!("packing symlink layer: {e}")))
-            .and_then(|(w, summary, info)| finish_spool(&path, w).map(|_| (summary, info)));
-        match result {
-            Ok((summary, info)) => Ok((
-                PackedLayer {
-                    file: path,
-                    summary,
-                },
-                info,
-            )),
-            Err(e) => {
-                let _ = std::fs::remove_file(&path);
-                Err(e)
-            }
-        }
+        .map_err(|e| BuildError::Internal(format!("packing layer: {e}")))?;
+        let digest = Digest::parse(&summary.digest)
+            .map_err(|e| BuildError::Internal(format!("layer digest {}: {e}", summary.digest)))?;
+        sink.finish(digest, summary.size)
+            .map_err(|e| BuildError::Internal(format!("packing layer: {e}")))?;
+        log::info!(
+            "packed layer {} ({} bytes) in {} ms",
+            summary.digest,
+            summary.size,
+            started.elapsed().as_millis()
+        );
+        Ok(PackedLayer { summary, symlinks })
     }
 }

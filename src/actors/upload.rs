@@ -2,28 +2,18 @@
 //! at most `concurrency` uploads at once so a large image cannot saturate the link.
 
 use crate::reference::Digest;
-use crate::storage::{Storage, StorageError};
+pub use crate::storage::Put;
+use crate::storage::{stream::BlobReceiver, Storage, StorageError};
 use actix::prelude::*;
 use bytes::Bytes;
-use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
-/// What a put did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Put {
-    /// False when the blob was already stored and nothing was sent.
-    pub uploaded: bool,
-    pub bytes: u64,
-}
-
-/// Store a spooled layer file under its digest; the file is consumed.
+/// Store a layer that streams in while a worker packs it.
 #[derive(Message)]
 #[rtype(result = "Result<Put, StorageError>")]
-pub struct PutBlobFile {
-    pub digest: Digest,
-    pub file: PathBuf,
-    pub size: u64,
+pub struct PutBlobStream {
+    pub pieces: BlobReceiver,
     pub media_type: &'static str,
 }
 
@@ -54,16 +44,22 @@ impl Actor for UploadActor {
     type Context = Context<Self>;
 }
 
-impl Handler<PutBlobFile> for UploadActor {
+impl Handler<PutBlobStream> for UploadActor {
     type Result = ResponseFuture<Result<Put, StorageError>>;
 
-    fn handle(&mut self, msg: PutBlobFile, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, mut msg: PutBlobStream, _: &mut Self::Context) -> Self::Result {
         let storage = self.storage.clone();
-        Box::pin(limited(self.permits.clone(), msg.size, async move {
-            storage
-                .put_blob_file(&msg.digest, &msg.file, msg.media_type)
+        let permits = self.permits.clone();
+        Box::pin(async move {
+            // The permit is taken once the packer runs: one held while the packer
+            // waits for a worker could block the packers that other permits wait on.
+            msg.pieces.started().await;
+            let _permit = permits
+                .acquire_owned()
                 .await
-        }))
+                .expect("semaphore never closed");
+            storage.put_blob_stream(msg.pieces, msg.media_type).await
+        })
     }
 }
 
@@ -72,28 +68,20 @@ impl Handler<PutBlobBytes> for UploadActor {
 
     fn handle(&mut self, msg: PutBlobBytes, _: &mut Self::Context) -> Self::Result {
         let storage = self.storage.clone();
+        let permits = self.permits.clone();
         let size = msg.bytes.len() as u64;
-        Box::pin(limited(self.permits.clone(), size, async move {
-            storage
-                .put_blob_bytes(&msg.digest, msg.bytes, msg.media_type)
+        Box::pin(async move {
+            let _permit = permits
+                .acquire_owned()
                 .await
-        }))
+                .expect("semaphore never closed");
+            let uploaded = storage
+                .put_blob_bytes(&msg.digest, msg.bytes, msg.media_type)
+                .await?;
+            Ok(Put {
+                uploaded,
+                bytes: if uploaded { size } else { 0 },
+            })
+        })
     }
-}
-
-/// Runs one put under the concurrency limit and reports what it sent.
-async fn limited(
-    permits: Arc<Semaphore>,
-    size: u64,
-    put: impl std::future::Future<Output = Result<bool, StorageError>>,
-) -> Result<Put, StorageError> {
-    let _permit = permits
-        .acquire_owned()
-        .await
-        .expect("semaphore never closed");
-    let uploaded = put.await?;
-    Ok(Put {
-        uploaded,
-        bytes: if uploaded { size } else { 0 },
-    })
 }

@@ -3,12 +3,15 @@
 //! partial object under its final name. Media types are not stored: blobs are served
 //! as octet streams and manifests declare their own type.
 
-use super::{blob_object, StorageError};
+use super::stream::{BlobReceiver, Piece};
+use super::{blob_object, Put, StorageError};
 use crate::reference::Digest;
 use bytes::Bytes;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
+/// Chunks handed over by the packer; small, since a local write costs no round trip.
+pub const STREAM_CHUNK: usize = 1 << 20;
 /// Age after which a spool file is certainly abandoned (no build runs this long).
 const SPOOL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
 
@@ -66,10 +69,6 @@ impl FsStorage {
         })
     }
 
-    pub fn spool_dir(&self) -> &Path {
-        &self.spool
-    }
-
     pub fn object_path(&self, object: &str) -> PathBuf {
         self.root.join(object)
     }
@@ -83,14 +82,53 @@ impl FsStorage {
         }
     }
 
-    pub async fn put_blob_file(&self, digest: &Digest, file: &Path) -> Result<bool, StorageError> {
-        let object = blob_object(digest);
-        if self.blob_size(digest).await?.is_some() {
-            let _ = tokio::fs::remove_file(file).await; // the stored copy is identical
-            return Ok(false);
+    /// Writes a streamed blob into this process's spool directory and renames it
+    /// to its digest name once complete.
+    pub async fn put_blob_stream(&self, mut pieces: BlobReceiver) -> Result<Put, StorageError> {
+        let tmp = self
+            .spool
+            .join(format!(".layer-{:016x}", rand::random::<u64>()));
+        let written = async {
+            use tokio::io::AsyncWriteExt;
+            let mut f = tokio::fs::File::create(&tmp).await?;
+            loop {
+                match pieces.next().await {
+                    Some(Piece::Chunk(bytes)) => f.write_all(&bytes).await?,
+                    Some(Piece::End {
+                        tail, digest, size, ..
+                    }) => {
+                        f.write_all(&tail).await?;
+                        f.sync_data().await?;
+                        return Ok::<_, std::io::Error>(Some((digest, size)));
+                    }
+                    None => return Ok(None),
+                }
+            }
+        };
+        let (digest, size) = match written.await {
+            Ok(Some(done)) => done,
+            Ok(None) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(StorageError::Abandoned);
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(StorageError::io("write", tmp.display().to_string(), e));
+            }
+        };
+        let object = blob_object(&digest);
+        if self.blob_size(&digest).await?.is_some() {
+            let _ = tokio::fs::remove_file(&tmp).await; // the stored copy is identical
+            return Ok(Put {
+                uploaded: false,
+                bytes: 0,
+            });
         }
-        self.commit(file, &object).await?;
-        Ok(true)
+        self.commit(&tmp, &object).await?;
+        Ok(Put {
+            uploaded: true,
+            bytes: size,
+        })
     }
 
     pub async fn put_blob_bytes(
@@ -182,24 +220,44 @@ impl FsStorage {
 
 #[cfg(test)]
 mod tests {
+    use super::super::stream::feed;
     use super::*;
 
     #[tokio::test]
     async fn objects_round_trip_and_blobs_are_not_rewritten() {
         let dir = tempfile::tempdir().unwrap();
         let s = FsStorage::open(dir.path()).unwrap();
-        let d = Digest::from_hex(&"ab".repeat(32)).unwrap();
+        let data = b"hello, a layer of several chunks".to_vec();
+        let d = Digest::from_hex(&hex::encode(ring::digest::digest(
+            &ring::digest::SHA256,
+            &data,
+        )))
+        .unwrap();
         assert_eq!(s.blob_size(&d).await.unwrap(), None);
-        let spooled = s.spool_dir().join("layer");
-        std::fs::write(&spooled, b"hello").unwrap();
-        assert!(s.put_blob_file(&d, &spooled).await.unwrap());
-        assert_eq!(s.blob_size(&d).await.unwrap(), Some(5));
-        std::fs::write(&spooled, b"other").unwrap();
-        assert!(!s.put_blob_file(&d, &spooled).await.unwrap());
-        assert!(!spooled.exists());
+        let put = s
+            .put_blob_stream(feed(data.clone(), 4, true))
+            .await
+            .unwrap();
+        assert_eq!(
+            put,
+            Put {
+                uploaded: true,
+                bytes: data.len() as u64
+            }
+        );
+        assert_eq!(s.blob_size(&d).await.unwrap(), Some(data.len() as u64));
+        let again = s
+            .put_blob_stream(feed(data.clone(), 4, true))
+            .await
+            .unwrap();
+        assert!(!again.uploaded);
+        assert!(matches!(
+            s.put_blob_stream(feed(data.clone(), 4, false)).await,
+            Err(StorageError::Abandoned)
+        ));
         assert_eq!(
             s.read_object(&blob_object(&d)).await.unwrap().unwrap(),
-            Bytes::from_static(b"hello")
+            Bytes::from(data)
         );
         s.write_object("records/images/k.json", Bytes::from_static(b"{}"))
             .await
@@ -216,7 +274,7 @@ mod tests {
             .await
             .unwrap()
             .is_none());
-        assert_eq!(std::fs::read_dir(s.spool_dir()).unwrap().count(), 0);
+        assert_eq!(std::fs::read_dir(&s.spool).unwrap().count(), 0);
     }
 
     #[tokio::test]

@@ -1,30 +1,40 @@
 //! The Google Cloud Storage backend, over the JSON API (`gcloud-storage`), so that
 //! fake-gcs-server can stand in for GCS in tests.
 //!
-//! An object becomes visible only when its upload completes, so blobs are uploaded
-//! straight to their digest name: there is no staging object to move. Blobs are
-//! written with `ifGenerationMatch=0`, which makes a concurrent upload of the same
-//! digest by another replica harmless (GCS answers 412 and we report "already
-//! there"). Nothing sets a `Content-Encoding`: layers are gzip files that clients
-//! must receive byte for byte, or their digests would not match.
+//! Layers stream into the bucket while they are compressed: the packer hands over
+//! chunks (see [`super::stream`]) that go into a resumable upload at once. A layer's
+//! digest, and so its name, is known only when packing ends, so a layer larger than
+//! one chunk is uploaded under `staging/`, checked (size and CRC-32C against what the
+//! packer computed), copied inside the bucket to `blobs/sha256/<hex>` and the staging
+//! object deleted. Readers therefore only ever see complete blobs under digest names.
+//! A layer that fits in one chunk is known whole before anything is sent and goes
+//! straight to its digest name, like configs and manifests.
+//!
+//! Blobs are created with `ifGenerationMatch=0`, which makes a concurrent upload of
+//! the same digest by another replica harmless (GCS answers 412 and we report
+//! "already there"). Nothing sets a `Content-Encoding`: layers are gzip files that
+//! clients must receive byte for byte, or their digests would not match.
 //!
 //! Every network operation has a deadline per attempt and is retried with
-//! exponential backoff on 408, 429, 5xx, timeouts and connection errors. Files above
-//! [`RESUMABLE_THRESHOLD`] go through a resumable session in chunks of
-//! [`CHUNK_SIZE`]; after a failed chunk the session is asked how much it persisted
-//! and the upload continues from there. Files are streamed from disk, never read
-//! whole into memory.
+//! exponential backoff on 408, 429, 5xx, timeouts and connection errors. After a
+//! failed chunk the session is asked how much it persisted and sending continues from
+//! there, from the chunk still in memory. A stream that fails for good is abandoned
+//! (the packer stops at its next chunk); the layer is packed again on the next
+//! request, which gives the same bytes.
 
-use super::{blob_object, StorageError};
+use super::stream::{BlobReceiver, Piece};
+use super::{blob_object, crc32c, Put, StorageError};
 use crate::config::StorageSettings;
 use crate::reference::Digest;
 use bytes::Bytes;
 use gcloud_storage::client::google_cloud_auth::credentials::CredentialsFile;
 use gcloud_storage::client::{Client, ClientConfig};
 use gcloud_storage::http::buckets::get::GetBucketRequest;
+use gcloud_storage::http::objects::copy::CopyObjectRequest;
 use gcloud_storage::http::objects::delete::DeleteObjectRequest;
 use gcloud_storage::http::objects::download::Range;
 use gcloud_storage::http::objects::get::GetObjectRequest;
+use gcloud_storage::http::objects::list::ListObjectsRequest;
 use gcloud_storage::http::objects::upload::{Media, UploadObjectRequest, UploadType};
 use gcloud_storage::http::objects::Object;
 use gcloud_storage::http::resumable_upload_client::{
@@ -32,22 +42,10 @@ use gcloud_storage::http::resumable_upload_client::{
 };
 use gcloud_storage::http::Error as GcsError;
 use std::future::Future;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::sync::Semaphore;
 
 const GCS_ENDPOINT: &str = "https://storage.googleapis.com";
-/// Files larger than this use a resumable upload, so a dropped connection costs one
-/// chunk rather than the whole layer.
-pub const RESUMABLE_THRESHOLD: u64 = 8 << 20;
-/// GCS requires every chunk but the last to be a multiple of 256 KiB. Each chunk
-/// costs a round trip, so larger is faster (3× from 8 to 32 MiB on the emulator),
-/// while a failure re-sends at most one chunk; 16 MiB is the Go client's default.
-/// Chunks are streamed from the file, so the size does not affect memory.
-pub const CHUNK_SIZE: u64 = 16 << 20;
-const READ_BUFFER: usize = 256 << 10;
 const MAX_TRIES: u32 = 5;
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(8);
@@ -57,18 +55,19 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const MIN_UPLOAD_BYTES_PER_SEC: u64 = 256 << 10;
 /// How long `open` keeps trying to reach the bucket.
 const OPEN_DEADLINE: Duration = Duration::from_secs(10);
-/// Spool-file prefixes this program writes (`.layer-` by the Nix workers, `.obj-`
-/// by the filesystem backend). A configured spool directory may be shared, so only
-/// these are treated as leftovers there.
-const SPOOL_PREFIXES: [&str; 2] = [".layer-", ".obj-"];
+/// Where layers are uploaded before their digest is known.
+const STAGING_PREFIX: &str = "staging/";
+/// A staging object lives from the end of its upload to the end of the copy, a
+/// few seconds; one this old was left by a process that died in between.
+const STAGING_MAX_AGE: Duration = Duration::from_secs(3600);
 
 pub struct GcsStorage {
     /// Boxed: the client is a few hundred bytes and would bloat `Storage`.
     client: Box<Client>,
     bucket: String,
-    spool: PathBuf,
+    /// Bytes per chunk of a streamed upload.
+    chunk: usize,
     uploads: AtomicU64,
-    upload_slots: Semaphore,
     /// Leases this process holds right now (see `Storage::acquire_lease`).
     pub(crate) held_leases: std::sync::Mutex<std::collections::HashSet<String>>,
 }
@@ -78,8 +77,8 @@ pub struct GcsStorage {
 enum OpError {
     Gcs(GcsError),
     TimedOut(Duration),
-    /// Reading the local file; retrying would not help.
-    File(std::io::Error),
+    /// The bucket's answer contradicts what was sent; retrying would not help.
+    Invalid(String),
 }
 
 impl std::fmt::Display for OpError {
@@ -87,7 +86,7 @@ impl std::fmt::Display for OpError {
         match self {
             OpError::Gcs(e) => write!(f, "{}", with_causes(e)),
             OpError::TimedOut(d) => write!(f, "no answer within {} s", d.as_secs()),
-            OpError::File(e) => write!(f, "reading spooled file: {e}"),
+            OpError::Invalid(why) => write!(f, "{why}"),
         }
     }
 }
@@ -214,30 +213,6 @@ where
     }
 }
 
-/// A request body of `len` bytes of `path` from `offset`, read as it is sent.
-async fn file_body(path: &Path, offset: u64, len: u64) -> Result<reqwest::Body, OpError> {
-    let mut file = tokio::fs::File::open(path).await.map_err(OpError::File)?;
-    file.seek(std::io::SeekFrom::Start(offset))
-        .await
-        .map_err(OpError::File)?;
-    let chunks = futures::stream::try_unfold((file, len), |(mut file, left)| async move {
-        if left == 0 {
-            return Ok(None);
-        }
-        let mut buf = vec![0; left.min(READ_BUFFER as u64) as usize];
-        let n = file.read(&mut buf).await?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "spooled file is shorter than when the upload started",
-            ));
-        }
-        buf.truncate(n);
-        Ok::<_, std::io::Error>(Some((Bytes::from(buf), (file, left - n as u64))))
-    });
-    Ok(reqwest::Body::wrap_stream(chunks))
-}
-
 /// `STORAGE_EMULATOR_HOST` is conventionally a bare `host:port`.
 fn normalize_endpoint(endpoint: &str) -> String {
     let e = endpoint.trim().trim_end_matches('/');
@@ -248,26 +223,30 @@ fn normalize_endpoint(endpoint: &str) -> String {
     }
 }
 
-fn clear_spool(dir: &Path, own_dir: bool) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let ours = own_dir
-            || SPOOL_PREFIXES
-                .iter()
-                .any(|p| name.to_string_lossy().starts_with(p));
-        if ours && entry.file_type().is_ok_and(|t| t.is_file()) {
-            // Leftovers of an interrupted build; nothing refers to them.
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
+/// `staging/<host>-<pid>-<random>`: the holder part lets a restarted process on the
+/// same host remove what its dead predecessor left at once.
+fn staging_object() -> String {
+    format!(
+        "{STAGING_PREFIX}{}-{:016x}",
+        super::lease_holder().replace(':', "-"),
+        rand::random::<u64>()
+    )
+}
+
+/// The `host:pid` a staging object was named after.
+fn staging_holder(object: &str) -> Option<String> {
+    let name = object.strip_prefix(STAGING_PREFIX)?;
+    let mut parts = name.rsplitn(3, '-');
+    let _random = parts.next()?;
+    let pid = parts.next()?;
+    let host = parts.next()?;
+    Some(format!("{host}:{pid}"))
 }
 
 impl GcsStorage {
-    /// Builds the client, checks that the bucket answers, and prepares the spool
-    /// directory. Fails with one line naming the bucket and endpoint.
+    /// Builds the client, checks that the bucket answers, and removes what dead
+    /// processes left under `staging/`. Fails with one line naming the bucket and
+    /// endpoint.
     pub async fn open(settings: &StorageSettings) -> Result<Self, StorageError> {
         Self::open_within(settings, OPEN_DEADLINE).await
     }
@@ -299,32 +278,18 @@ impl GcsStorage {
         let storage = GcsStorage {
             client: Box::new(Client::new(config)),
             bucket: settings.bucket.clone(),
-            spool: PathBuf::new(),
+            chunk: settings.upload_chunk_bytes(),
             uploads: AtomicU64::new(0),
-            upload_slots: Semaphore::new(settings.upload_concurrency.max(1)),
             held_leases: Default::default(),
         };
         storage.check_bucket(&endpoint, deadline).await?;
-
-        let own_dir = settings.spool_path.is_empty();
-        let spool = if own_dir {
-            std::env::temp_dir().join(format!("nixery-spool-{}", std::process::id()))
-        } else {
-            PathBuf::from(&settings.spool_path)
-        };
-        std::fs::create_dir_all(&spool).map_err(|e| {
-            StorageError::Config(format!(
-                "storage.spool_path: cannot create {}: {e}",
-                spool.display()
-            ))
-        })?;
-        clear_spool(&spool, own_dir);
+        storage.sweep_staging().await;
         log::info!(
-            "storage: gcs bucket {} at {endpoint}, spooling in {}",
+            "storage: gcs bucket {} at {endpoint}, layers streamed in {} MiB chunks",
             storage.bucket,
-            spool.display()
+            storage.chunk >> 20
         );
-        Ok(GcsStorage { spool, ..storage })
+        Ok(storage)
     }
 
     async fn authenticate(
@@ -406,8 +371,8 @@ impl GcsStorage {
         }
     }
 
-    pub fn spool_dir(&self) -> &Path {
-        &self.spool
+    pub fn chunk(&self) -> usize {
+        self.chunk
     }
 
     pub fn bucket(&self) -> &str {
@@ -437,57 +402,306 @@ impl GcsStorage {
         }
     }
 
-    /// Uploads a spooled file under its digest and removes the file, whatever the
-    /// outcome: a failed layer is rebuilt rather than re-sent.
-    pub async fn put_blob_file(
+    /// Stores a blob that arrives in chunks while it is being packed (see the module
+    /// notes). Returns whether this call created the blob and how many bytes it sent.
+    pub async fn put_blob_stream(
         &self,
-        digest: &Digest,
-        file: &Path,
+        mut pieces: BlobReceiver,
         media_type: &str,
-    ) -> Result<bool, StorageError> {
-        let result = self.put_file(digest, file, media_type).await;
-        let _ = tokio::fs::remove_file(file).await;
-        result
+    ) -> Result<Put, StorageError> {
+        match pieces.next().await {
+            None => Err(StorageError::Abandoned),
+            Some(Piece::End {
+                tail, digest, size, ..
+            }) => {
+                let created = self.put_blob_bytes(&digest, tail, media_type).await?;
+                Ok(Put {
+                    uploaded: created,
+                    bytes: if created { size } else { 0 },
+                })
+            }
+            Some(Piece::Chunk(first)) => {
+                let staging = staging_object();
+                let result = self.put_staged(&staging, first, pieces, media_type).await;
+                if result.is_err() {
+                    self.discard_staging(&staging);
+                }
+                result
+            }
+        }
     }
 
-    async fn put_file(
+    async fn put_staged(
         &self,
-        digest: &Digest,
-        file: &Path,
+        staging: &str,
+        first: Bytes,
+        mut pieces: BlobReceiver,
         media_type: &str,
-    ) -> Result<bool, StorageError> {
-        let object = blob_object(digest);
-        if self.blob_size(digest).await?.is_some() {
-            return Ok(false);
+    ) -> Result<Put, StorageError> {
+        let fail = |e: OpError| StorageError::io("upload", staging, e);
+        let upload = UploadType::Simple(Media {
+            name: staging.to_string().into(),
+            content_type: media_type.to_string().into(),
+            content_length: None,
+        });
+        let req = UploadObjectRequest {
+            bucket: self.bucket.clone(),
+            ..Default::default()
+        };
+        let session: ResumableUploadClient = retry("upload", staging, REQUEST_TIMEOUT, || async {
+            Ok(self.client.prepare_resumable_upload(&req, &upload).await?)
+        })
+        .await
+        .map_err(fail)?;
+        let mut offset = 0u64;
+        let mut piece = Piece::Chunk(first);
+        loop {
+            match piece {
+                Piece::Chunk(bytes) => {
+                    let len = bytes.len() as u64;
+                    self.send_range(&session, staging, offset, bytes, None)
+                        .await
+                        .map_err(fail)?;
+                    if offset == 0 {
+                        log::info!("streaming a layer into {staging}: first {len} bytes stored");
+                    }
+                    offset += len;
+                }
+                Piece::End {
+                    tail,
+                    digest,
+                    size,
+                    crc32c,
+                } => {
+                    if offset + tail.len() as u64 != size {
+                        return Err(fail(OpError::Invalid(format!(
+                            "packer reported {size} bytes, sent {}",
+                            offset + tail.len() as u64
+                        ))));
+                    }
+                    let object = self
+                        .send_range(&session, staging, offset, tail, Some(size))
+                        .await
+                        .map_err(fail)?
+                        .ok_or_else(|| fail(OpError::Invalid("upload did not complete".into())))?;
+                    return self.publish(staging, &object, &digest, size, crc32c).await;
+                }
+            }
+            piece = match pieces.next().await {
+                Some(p) => p,
+                None => {
+                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, session.cancel()).await;
+                    return Err(StorageError::Abandoned);
+                }
+            };
         }
-        let size = tokio::fs::metadata(file)
-            .await
-            .map_err(|e| StorageError::io("upload", &object, format!("{}: {e}", file.display())))?
-            .len();
-        let _slot = self
-            .upload_slots
-            .acquire()
-            .await
-            .map_err(|e| StorageError::io("upload", &object, e))?;
-        let result = if size > RESUMABLE_THRESHOLD {
-            self.upload_resumable(&object, file, size, media_type).await
+    }
+
+    /// Sends `data` as the bytes from `start` of the session's object; `total` comes
+    /// with the last piece and completes the upload, returning the object. After a
+    /// failed attempt the session is asked what it persisted and sending resumes
+    /// from there.
+    async fn send_range(
+        &self,
+        session: &ResumableUploadClient,
+        object: &str,
+        start: u64,
+        data: Bytes,
+        total: Option<u64>,
+    ) -> Result<Option<Object>, OpError> {
+        let end = start + data.len() as u64;
+        let mut at = start;
+        // Counted since the last progress, so a long upload over a flaky link still
+        // completes while a dead one gives up.
+        let mut failures = 0;
+        let mut resync = false;
+        loop {
+            let sent_from = at;
+            let step = if resync {
+                with_timeout(REQUEST_TIMEOUT, async { Ok(session.status(total).await?) }).await
+            } else {
+                let len = end - at;
+                // An empty last piece reads "bytes */<total>": it only completes.
+                let range = ChunkSize::new(at, (at + len).max(1) - 1, total);
+                let body = data.slice((at - start) as usize..);
+                with_timeout(upload_timeout(len), async {
+                    Ok(session.upload_multiple_chunk(body, &range).await?)
+                })
+                .await
+            };
+            let was_resync = std::mem::replace(&mut resync, false);
+            match step {
+                Ok(UploadStatus::Ok(o)) if total.is_some() => return Ok(Some(o)),
+                Ok(UploadStatus::Ok(_)) => {
+                    return Err(OpError::Invalid(format!(
+                        "upload completed at byte {at}, before its last chunk"
+                    )))
+                }
+                Ok(UploadStatus::ResumeIncomplete(r)) => {
+                    let persisted = r.last_byte + 1;
+                    if persisted < start || persisted > end {
+                        return Err(OpError::Invalid(format!(
+                            "session has {persisted} bytes, expected {start} to {end}"
+                        )));
+                    }
+                    at = persisted;
+                    if at == end && total.is_none() {
+                        return Ok(None);
+                    }
+                }
+                Ok(UploadStatus::NotStarted) if start == 0 => at = 0,
+                Ok(UploadStatus::NotStarted) => {
+                    return Err(OpError::Invalid(format!(
+                        "session lost the {start} bytes it had stored"
+                    )))
+                }
+                Err(e) => {
+                    failures += 1;
+                    if e.kind() != Kind::Transient || failures >= MAX_TRIES {
+                        return Err(e);
+                    }
+                    let wait = backoff(failures - 1);
+                    log::warn!(
+                        "gcs upload {object}: {e} at byte {at}; retrying in {} ms",
+                        wait.as_millis()
+                    );
+                    tokio::time::sleep(wait).await;
+                    // Part of the piece may have been persisted.
+                    resync = true;
+                    continue;
+                }
+            }
+            if at > sent_from {
+                failures = 0;
+            } else if !was_resync {
+                failures += 1;
+                if failures >= MAX_TRIES {
+                    return Err(OpError::Invalid(format!(
+                        "session accepts nothing past byte {at}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Checks a completed staging object against what the packer computed and puts
+    /// it under its digest name.
+    async fn publish(
+        &self,
+        staging: &str,
+        object: &Object,
+        digest: &Digest,
+        size: u64,
+        crc32c: u32,
+    ) -> Result<Put, StorageError> {
+        let expected = crc32c::to_base64(crc32c);
+        if object.size.max(0) as u64 != size
+            || object.crc32c.as_deref().is_some_and(|c| c != expected)
+        {
+            return Err(StorageError::io(
+                "upload",
+                staging,
+                format!(
+                    "bucket holds {} bytes with crc32c {:?}, sent {size} with {expected}",
+                    object.size, object.crc32c
+                ),
+            ));
+        }
+        let target = blob_object(digest);
+        let created = if self.blob_size(digest).await?.is_some() {
+            false
         } else {
-            let media = self.media(&object, media_type, size);
-            retry("upload", &object, upload_timeout(size), || async {
-                let body = file_body(file, 0, size).await?;
-                Ok(self
-                    .client
-                    .upload_object(
-                        &self.create_only(),
-                        body,
-                        &UploadType::Simple(media.clone()),
-                    )
-                    .await?)
+            let req = CopyObjectRequest {
+                source_bucket: self.bucket.clone(),
+                source_object: staging.to_string(),
+                destination_bucket: self.bucket.clone(),
+                destination_object: target.clone(),
+                if_generation_match: Some(0),
+                ..Default::default()
+            };
+            match retry("copy", &target, REQUEST_TIMEOUT, || async {
+                Ok(self.client.copy_object(&req).await?)
             })
             .await
-            .map(|_| ())
+            {
+                Ok(_) => true,
+                Err(e) if e.kind() == Kind::Exists => false,
+                Err(e) => return Err(StorageError::io("copy", target, e)),
+            }
         };
-        self.uploaded(&object, size, result)
+        if let Err(e) = self.delete_object(staging).await {
+            // Harmless: the next start-up sweeps it.
+            log::warn!("{e}");
+        }
+        if created {
+            self.uploads.fetch_add(1, Ordering::Relaxed);
+            log::info!("uploaded {target} ({size} bytes, streamed while packed)");
+        }
+        Ok(Put {
+            uploaded: created,
+            bytes: size,
+        })
+    }
+
+    /// Deletes a staging object in the background after a failed stream; the
+    /// failure is reported without waiting for this.
+    fn discard_staging(&self, staging: &str) {
+        let req = DeleteObjectRequest {
+            bucket: self.bucket.clone(),
+            object: staging.to_string(),
+            ..Default::default()
+        };
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, client.delete_object(&req)).await;
+        });
+    }
+
+    /// Removes staging objects left by processes that died between upload and
+    /// copy: those of dead processes on this host, and any older than
+    /// [`STAGING_MAX_AGE`]. Best effort: leftovers cost only space.
+    async fn sweep_staging(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let mut page_token = None;
+        loop {
+            let req = ListObjectsRequest {
+                bucket: self.bucket.clone(),
+                prefix: Some(STAGING_PREFIX.to_string()),
+                page_token: page_token.take(),
+                ..Default::default()
+            };
+            let listed = match retry("list", STAGING_PREFIX, REQUEST_TIMEOUT, || async {
+                Ok(self.client.list_objects(&req).await?)
+            })
+            .await
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    log::warn!("gcs list {STAGING_PREFIX}: {e}; leftovers stay for now");
+                    return;
+                }
+            };
+            for o in listed.items.unwrap_or_default() {
+                let age = o
+                    .time_created
+                    .map(|t| now - t.unix_timestamp())
+                    .unwrap_or(0);
+                let dead = staging_holder(&o.name).is_some_and(|h| super::holder_is_dead(&h));
+                if dead || age > STAGING_MAX_AGE.as_secs() as i64 {
+                    log::info!("removing leftover {}", o.name);
+                    if let Err(e) = self.delete_object(&o.name).await {
+                        log::warn!("{e}");
+                    }
+                }
+            }
+            match listed.next_page_token {
+                Some(t) if !t.is_empty() => page_token = Some(t),
+                _ => return,
+            }
+        }
     }
 
     pub async fn put_blob_bytes(
@@ -672,84 +886,6 @@ impl GcsStorage {
             content_length: Some(size),
         }
     }
-
-    /// Sends the file in chunks through one session. After a failure the session
-    /// reports what it persisted, and sending resumes from there; a session that
-    /// expired is replaced by a new one from byte 0.
-    async fn upload_resumable(
-        &self,
-        object: &str,
-        file: &Path,
-        size: u64,
-        media_type: &str,
-    ) -> Result<(), OpError> {
-        let upload = UploadType::Simple(self.media(object, media_type, size));
-        let req = self.create_only();
-        let mut failures = 0;
-        // Failures are counted since the last progress, so a long upload over a
-        // flaky link still completes while a dead one gives up.
-        let mut high_water = 0;
-        'session: loop {
-            let session: ResumableUploadClient =
-                retry("upload", object, REQUEST_TIMEOUT, || async {
-                    Ok(self.client.prepare_resumable_upload(&req, &upload).await?)
-                })
-                .await?;
-            let mut offset = 0;
-            let mut resync = false;
-            loop {
-                let step = if resync {
-                    with_timeout(REQUEST_TIMEOUT, async {
-                        Ok(session.status(Some(size)).await?)
-                    })
-                    .await
-                } else {
-                    let len = CHUNK_SIZE.min(size - offset);
-                    let range = ChunkSize::new(offset, (offset + len).max(1) - 1, Some(size));
-                    with_timeout(upload_timeout(len), async {
-                        let body = file_body(file, offset, len).await?;
-                        Ok(session.upload_multiple_chunk(body, &range).await?)
-                    })
-                    .await
-                };
-                match step {
-                    Ok(UploadStatus::Ok(_)) => return Ok(()),
-                    Ok(UploadStatus::ResumeIncomplete(r)) => {
-                        offset = (r.last_byte + 1).min(size);
-                        resync = false;
-                        if offset > high_water {
-                            high_water = offset;
-                            failures = 0;
-                        }
-                    }
-                    Ok(UploadStatus::NotStarted) => {
-                        offset = 0;
-                        resync = false;
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        let kind = e.kind();
-                        let retryable =
-                            matches!(kind, Kind::Transient | Kind::SessionGone | Kind::NotFound);
-                        if !retryable || failures >= MAX_TRIES {
-                            return Err(e);
-                        }
-                        let wait = backoff(failures - 1);
-                        log::warn!(
-                            "gcs upload {object}: {e} at byte {offset}; retrying in {} ms",
-                            wait.as_millis()
-                        );
-                        tokio::time::sleep(wait).await;
-                        if kind != Kind::Transient {
-                            continue 'session;
-                        }
-                        // Part of the chunk may have been persisted.
-                        resync = true;
-                    }
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -881,12 +1017,13 @@ pub(crate) mod test_support {
 
 #[cfg(test)]
 mod tests {
+    use super::super::stream::feed;
     use super::test_support::start_fake_gcs;
     use super::*;
     use std::io::{Read, Write};
     use std::time::Instant;
 
-    fn settings(bucket: &str, endpoint: &str, spool: &Path) -> StorageSettings {
+    fn settings(bucket: &str, endpoint: &str) -> StorageSettings {
         StorageSettings {
             backend: "gcs".into(),
             path: String::new(),
@@ -895,7 +1032,7 @@ mod tests {
             credentials: String::new(),
             signed_url_ttl_secs: 300,
             upload_concurrency: 2,
-            spool_path: spool.display().to_string(),
+            upload_chunk_mib: 1,
         }
     }
 
@@ -934,7 +1071,6 @@ mod tests {
         assert!(backoff(0) <= BACKOFF_BASE && backoff(0) >= BACKOFF_BASE / 2);
         assert!(backoff(3) >= BACKOFF_BASE * 4);
         assert!(backoff(30) <= BACKOFF_MAX);
-        assert_eq!(CHUNK_SIZE % (256 << 10), 0);
     }
 
     #[tokio::test]
@@ -944,17 +1080,13 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let spool = tempfile::tempdir().unwrap();
         let endpoint = format!("127.0.0.1:{port}");
         let start = Instant::now();
-        let err = GcsStorage::open_within(
-            &settings("layers", &endpoint, spool.path()),
-            Duration::from_secs(1),
-        )
-        .await
-        .err()
-        .expect("nothing listens there")
-        .to_string();
+        let err = GcsStorage::open_within(&settings("layers", &endpoint), Duration::from_secs(1))
+            .await
+            .err()
+            .expect("nothing listens there")
+            .to_string();
         assert!(
             start.elapsed() < Duration::from_secs(5),
             "{:?}",
@@ -971,15 +1103,54 @@ mod tests {
     struct Canned {
         status: u16,
         headers: String,
-        body: &'static str,
+        body: String,
     }
 
-    fn canned(status: u16, body: &'static str) -> Canned {
+    fn canned(status: u16, body: &str) -> Canned {
         Canned {
             status,
             headers: String::new(),
-            body,
+            body: body.to_string(),
         }
+    }
+
+    /// A 308 that reports bytes `0..persisted` stored.
+    fn persisted(persisted: u64) -> Canned {
+        Canned {
+            status: 308,
+            headers: format!("Range: bytes=0-{}\r\n", persisted - 1),
+            body: String::new(),
+        }
+    }
+
+    fn session_started(endpoint: &str) -> Canned {
+        Canned {
+            status: 200,
+            headers: format!("Location: {endpoint}/upload/session-1\r\n"),
+            body: String::new(),
+        }
+    }
+
+    fn staged_object_json(size: usize, crc: u32) -> String {
+        format!(
+            r#"{{"kind":"storage#object","name":"staging/x","id":"layers/staging/x","bucket":"layers","size":"{size}","crc32c":"{}","generation":"1","metageneration":"1","selfLink":"","mediaLink":""}}"#,
+            crc32c::to_base64(crc)
+        )
+    }
+
+    fn header<'a>(seen: &'a [Received], i: usize, name: &str) -> &'a str {
+        seen[i]
+            .0
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim())
+            })
+            .unwrap_or("")
+    }
+
+    fn request_line(seen: &[Received], i: usize) -> &str {
+        seen[i].0.lines().next().unwrap_or("")
     }
 
     /// Trimmed from fake-gcs-server's answers; the client insists on these fields.
@@ -987,6 +1158,7 @@ mod tests {
     const OBJECT_JSON: &str = r#"{"kind":"storage#object","name":"blobs/sha256/x","id":"layers/blobs/sha256/x","bucket":"layers","size":"42","generation":"1","metageneration":"1","selfLink":"","mediaLink":""}"#;
     const UNAVAILABLE_JSON: &str = r#"{"error":{"code":503,"message":"try later","errors":[]}}"#;
     const NOT_FOUND_JSON: &str = r#"{"error":{"code":404,"message":"Not Found","errors":[]}}"#;
+    const EMPTY_LIST_JSON: &str = r#"{"kind":"storage#objects"}"#;
 
     /// A request's head and body.
     type Received = (String, Vec<u8>);
@@ -1047,74 +1219,97 @@ mod tests {
         let (endpoint, server) = scripted_server(|_| {
             vec![
                 canned(200, BUCKET_JSON),
+                canned(200, EMPTY_LIST_JSON),
                 canned(503, UNAVAILABLE_JSON),
                 canned(429, UNAVAILABLE_JSON),
                 canned(200, OBJECT_JSON),
             ]
         });
-        let spool = tempfile::tempdir().unwrap();
-        let s = GcsStorage::open(&settings("layers", &endpoint, spool.path()))
+        let s = GcsStorage::open(&settings("layers", &endpoint))
             .await
             .unwrap();
         let d = Digest::from_hex(&"ab".repeat(32)).unwrap();
         assert_eq!(s.blob_size(&d).await.unwrap(), Some(42));
-        assert_eq!(server.join().unwrap().len(), 4);
+        assert_eq!(server.join().unwrap().len(), 5);
     }
 
     #[tokio::test]
-    async fn resumable_upload_continues_from_what_was_persisted() {
-        let size = CHUNK_SIZE + (1 << 20);
-        let half = CHUNK_SIZE / 2;
+    async fn a_streamed_layer_resumes_from_what_was_persisted_then_is_copied_to_its_digest() {
+        let chunk = 1usize << 20;
+        let data = random_bytes(chunk + (300 << 10));
+        let size = data.len();
+        let crc = crc32c::update(0, &data);
+        let half = chunk / 2;
         let (endpoint, server) = scripted_server(move |endpoint| {
-            let session = format!("Location: {endpoint}/upload/session-1\r\n");
             vec![
                 canned(200, BUCKET_JSON),
-                canned(404, NOT_FOUND_JSON),
-                Canned {
-                    status: 200,
-                    headers: session,
-                    body: "",
-                },
+                canned(200, EMPTY_LIST_JSON),
+                session_started(endpoint),
                 canned(503, UNAVAILABLE_JSON),
-                Canned {
-                    status: 308,
-                    headers: format!("Range: bytes=0-{}\r\n", half - 1),
-                    body: "",
-                },
+                persisted(half as u64),
+                persisted(chunk as u64),
+                canned(200, &staged_object_json(size, crc)),
+                canned(404, NOT_FOUND_JSON),
                 canned(200, OBJECT_JSON),
+                canned(204, ""),
             ]
         });
-        let spool = tempfile::tempdir().unwrap();
-        let s = GcsStorage::open(&settings("layers", &endpoint, spool.path()))
+        let s = GcsStorage::open(&settings("layers", &endpoint))
             .await
             .unwrap();
-        let data = random_bytes(size as usize);
-        let file = spool.path().join(".layer-x");
-        std::fs::write(&file, &data).unwrap();
+        assert_eq!(s.chunk(), chunk);
         let d = sha256(&data);
-        assert!(s
-            .put_blob_file(&d, &file, "application/octet-stream")
+        let put = s
+            .put_blob_stream(feed(data.clone(), chunk, true), "application/octet-stream")
             .await
-            .unwrap());
-        assert!(!file.exists());
+            .unwrap();
+        assert_eq!(
+            put,
+            Put {
+                uploaded: true,
+                bytes: size as u64
+            }
+        );
         assert_eq!(s.uploads(), 1);
 
         let seen = server.join().unwrap();
-        let range = |i: usize| -> String {
-            let head: &str = &seen[i].0;
-            head.lines()
-                .find_map(|l| l.strip_prefix("content-range: "))
-                .unwrap_or("")
-                .to_string()
-        };
+        assert_eq!(seen.len(), 10);
         assert!(seen[2].0.contains("uploadType=resumable"), "{}", seen[2].0);
-        assert!(seen[2].0.contains("ifGenerationMatch=0"), "{}", seen[2].0);
-        assert_eq!(range(3), format!("bytes 0-{}/{size}", CHUNK_SIZE - 1));
-        assert_eq!(range(4), format!("bytes */{size}"));
-        assert_eq!(range(5), format!("bytes {half}-{}/{size}", size - 1));
+        assert!(seen[2].0.contains("name=staging%2F"), "{}", seen[2].0);
+        // The first chunk goes before the size is known.
+        assert_eq!(
+            header(&seen, 3, "content-range"),
+            format!("bytes 0-{}/*", chunk - 1)
+        );
+        assert_eq!(header(&seen, 4, "content-range"), "bytes */*");
+        assert_eq!(
+            header(&seen, 5, "content-range"),
+            format!("bytes {half}-{}/*", chunk - 1)
+        );
         assert!(
-            seen[5].1 == data[half as usize..],
+            seen[5].1 == data[half..chunk],
             "resumed from the wrong offset"
+        );
+        assert_eq!(
+            header(&seen, 6, "content-range"),
+            format!("bytes {chunk}-{}/{size}", size - 1)
+        );
+        assert!(seen[6].1 == data[chunk..], "wrong last piece");
+        assert!(request_line(&seen, 7).contains(d.hex()), "{}", seen[7].0);
+        let copy = request_line(&seen, 8);
+        assert!(
+            copy.starts_with("POST ") && copy.contains("/copyTo/b/layers/o/blobs%2Fsha256%2F"),
+            "{copy}"
+        );
+        assert!(
+            copy.contains(d.hex()) && copy.contains("ifGenerationMatch=0"),
+            "{copy}"
+        );
+        assert!(copy.contains("/o/staging%2F"), "{copy}");
+        let delete = request_line(&seen, 9);
+        assert!(
+            delete.starts_with("DELETE ") && delete.contains("/o/staging%2F"),
+            "{delete}"
         );
         assert!(!seen
             .iter()
@@ -1122,15 +1317,92 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_staged_layer_that_arrived_damaged_is_not_published() {
+        let chunk = 1usize << 20;
+        let data = random_bytes(chunk + 1000);
+        let size = data.len();
+        let wrong = crc32c::update(0, &data) ^ 1;
+        let (endpoint, server) = scripted_server(move |endpoint| {
+            vec![
+                canned(200, BUCKET_JSON),
+                canned(200, EMPTY_LIST_JSON),
+                session_started(endpoint),
+                persisted(chunk as u64),
+                canned(200, &staged_object_json(size, wrong)),
+                canned(204, ""),
+            ]
+        });
+        let s = GcsStorage::open(&settings("layers", &endpoint))
+            .await
+            .unwrap();
+        let err = s
+            .put_blob_stream(feed(data, chunk, true), "application/octet-stream")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("crc32c") && err.contains("staging/"), "{err}");
+        assert_eq!(s.uploads(), 0);
+        // The staging object is deleted in the background, on this runtime.
+        let seen = tokio::task::spawn_blocking(move || server.join().unwrap())
+            .await
+            .unwrap();
+        // No copy: the damaged staging object is deleted instead.
+        assert!(
+            request_line(&seen, 5).starts_with("DELETE "),
+            "{}",
+            seen[5].0
+        );
+        assert!(!seen.iter().any(|(h, _)| h.contains("copyTo")));
+    }
+
+    #[tokio::test]
+    async fn a_failed_upload_stops_the_packer() {
+        let chunk = 1usize << 20;
+        let (endpoint, server) = scripted_server(move |endpoint| {
+            vec![
+                canned(200, BUCKET_JSON),
+                canned(200, EMPTY_LIST_JSON),
+                session_started(endpoint),
+                canned(
+                    403,
+                    r#"{"error":{"code":403,"message":"denied","errors":[]}}"#,
+                ),
+                canned(404, NOT_FOUND_JSON),
+            ]
+        });
+        let s = GcsStorage::open(&settings("layers", &endpoint))
+            .await
+            .unwrap();
+        let (mut tx, rx) = super::super::stream::channel(chunk);
+        let packer = std::thread::spawn(move || {
+            // Far more than the channel holds: the packer must be told to stop.
+            let block = vec![7u8; chunk];
+            for _ in 0..64 {
+                std::io::Write::write_all(&mut tx, &block)?;
+            }
+            Ok::<_, std::io::Error>(())
+        });
+        let err = s
+            .put_blob_stream(rx, "application/octet-stream")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("denied"), "{err}");
+        let stopped = tokio::task::spawn_blocking(move || packer.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(stopped.unwrap_err().kind(), std::io::ErrorKind::BrokenPipe);
+        tokio::task::spawn_blocking(move || server.join().unwrap())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
     async fn round_trip_against_fake_gcs_server() {
         let Some(gcs) = start_fake_gcs(&["layers"]) else {
             return;
         };
-        let spool = tempfile::tempdir().unwrap();
-        std::fs::write(spool.path().join(".layer-0123"), b"left over").unwrap();
-        std::fs::write(spool.path().join("not-ours"), b"keep").unwrap();
-
-        let err = GcsStorage::open(&settings("missing", &gcs.endpoint, spool.path()))
+        let err = GcsStorage::open(&settings("missing", &gcs.endpoint))
             .await
             .err()
             .expect("no such bucket")
@@ -1147,52 +1419,110 @@ mod tests {
 
         // The bare host:port form that STORAGE_EMULATOR_HOST usually holds.
         let bare = format!("127.0.0.1:{}", gcs.port);
-        let s = GcsStorage::open(&settings("layers", &bare, spool.path()))
-            .await
-            .unwrap();
+        let s = GcsStorage::open(&settings("layers", &bare)).await.unwrap();
         assert_eq!(s.bucket(), "layers");
-        assert!(!spool.path().join(".layer-0123").exists());
-        assert!(spool.path().join("not-ours").exists());
+        let chunk = s.chunk();
+        let staged = || async {
+            let listed = s
+                .client
+                .list_objects(&ListObjectsRequest {
+                    bucket: "layers".into(),
+                    prefix: Some(STAGING_PREFIX.into()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            listed
+                .items
+                .unwrap_or_default()
+                .into_iter()
+                .map(|o| o.name)
+                .collect::<Vec<_>>()
+        };
 
-        // A large layer goes through the resumable path.
-        let big = random_bytes(20 << 20);
+        // A layer of several chunks streams through staging to its digest name.
+        let big = random_bytes(5 * chunk + 12345);
         let d = sha256(&big);
         assert_eq!(s.blob_size(&d).await.unwrap(), None);
-        let spooled = s.spool_dir().join(".layer-big");
-        std::fs::write(&spooled, &big).unwrap();
         let start = Instant::now();
-        assert!(s
-            .put_blob_file(&d, &spooled, "application/octet-stream")
+        let put = s
+            .put_blob_stream(feed(big.clone(), chunk, true), "application/octet-stream")
             .await
-            .unwrap());
+            .unwrap();
         eprintln!(
-            "20 MiB resumable upload to fake-gcs-server: {:?}",
+            "{} MiB streamed to fake-gcs-server in 1 MiB chunks: {:?}",
+            big.len() >> 20,
             start.elapsed()
         );
-        assert!(!spooled.exists());
+        assert_eq!(
+            put,
+            Put {
+                uploaded: true,
+                bytes: big.len() as u64
+            }
+        );
         assert_eq!(s.uploads(), 1);
-        assert_eq!(s.blob_size(&d).await.unwrap(), Some(20 << 20));
+        assert_eq!(s.blob_size(&d).await.unwrap(), Some(big.len() as u64));
         let back = s.read_object(&blob_object(&d)).await.unwrap().unwrap();
         assert!(back == big, "downloaded blob differs");
+        assert_eq!(staged().await, Vec::<String>::new());
 
-        std::fs::write(&spooled, &big).unwrap();
-        assert!(!s
-            .put_blob_file(&d, &spooled, "application/octet-stream")
+        // Streamed again (another build racing this one): not published twice.
+        let again = s
+            .put_blob_stream(feed(big.clone(), chunk, true), "application/octet-stream")
             .await
-            .unwrap());
-        assert!(!spooled.exists());
+            .unwrap();
+        assert!(!again.uploaded);
         assert_eq!(s.uploads(), 1);
+        assert_eq!(staged().await, Vec::<String>::new());
 
-        // A small layer goes through a single media upload.
+        // A packer that fails leaves nothing behind.
+        let other = random_bytes(4 * chunk);
+        assert!(matches!(
+            s.put_blob_stream(
+                feed(other.clone(), chunk, false),
+                "application/octet-stream"
+            )
+            .await,
+            Err(StorageError::Abandoned)
+        ));
+        assert_eq!(s.blob_size(&sha256(&other)).await.unwrap(), None);
+        assert_eq!(staged().await, Vec::<String>::new());
+
+        // A layer within one chunk goes straight to its digest name.
         let small = random_bytes(300 << 10);
         let ds = sha256(&small);
-        std::fs::write(&spooled, &small).unwrap();
-        assert!(s
-            .put_blob_file(&ds, &spooled, "application/octet-stream")
+        let put = s
+            .put_blob_stream(feed(small.clone(), chunk, true), "application/octet-stream")
             .await
-            .unwrap());
+            .unwrap();
+        assert!(put.uploaded);
         assert_eq!(s.blob_size(&ds).await.unwrap(), Some(300 << 10));
         assert_eq!(s.uploads(), 2);
+
+        // Staging objects left by a dead process on this host, or old ones, are
+        // removed at start-up; a live replica's are not.
+        let dead_pid = {
+            let mut child = std::process::Command::new("true").spawn().unwrap();
+            child.wait().unwrap();
+            child.id()
+        };
+        let host = super::super::lease_holder();
+        let host = host.rsplit_once(':').unwrap().0;
+        let dead = format!("{STAGING_PREFIX}{host}-{dead_pid}-00000000000000aa");
+        let live = format!("{STAGING_PREFIX}other-host-1-00000000000000bb");
+        for o in [&dead, &live] {
+            s.write_object(
+                o,
+                Bytes::from_static(b"partial"),
+                "application/octet-stream",
+            )
+            .await
+            .unwrap();
+        }
+        let reopened = GcsStorage::open(&settings("layers", &bare)).await.unwrap();
+        assert_eq!(staged().await, vec![live.clone()]);
+        drop(reopened);
 
         let config = Bytes::from_static(br#"{"architecture":"amd64"}"#);
         let dc = sha256(&config);

@@ -4,13 +4,16 @@
 //!
 //! Object names: blobs at `blobs/sha256/<hex>`, records at `records/<kind>/<key>.json`.
 
+pub mod crc32c;
 pub mod filesystem;
 pub mod gcs;
+pub mod stream;
 
 use crate::reference::Digest;
 use bytes::Bytes;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use stream::BlobReceiver;
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -52,6 +55,18 @@ pub enum StorageError {
     },
     #[error("{0}")]
     Config(String),
+    /// The packer stopped before the blob was complete; it reports why.
+    #[error("the layer being stored was not completed")]
+    Abandoned,
+}
+
+/// What storing a blob did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Put {
+    /// False when the blob was already stored.
+    pub uploaded: bool,
+    /// Bytes sent to storage.
+    pub bytes: u64,
 }
 
 impl StorageError {
@@ -115,12 +130,12 @@ impl Storage {
         }
     }
 
-    /// The directory where layers are written before they are stored. For the
-    /// filesystem backend it is on the same file system, so storing is a rename.
-    pub fn spool_dir(&self) -> &Path {
+    /// Bytes per chunk when a layer streams in while it is packed: a chunk costs
+    /// a round trip to a bucket, nothing on a local disk.
+    pub fn stream_chunk(&self) -> usize {
         match self {
-            Storage::Filesystem(s) => s.spool_dir(),
-            Storage::Gcs(s) => s.spool_dir(),
+            Storage::Filesystem(_) => filesystem::STREAM_CHUNK,
+            Storage::Gcs(s) => s.chunk(),
         }
     }
 
@@ -132,18 +147,17 @@ impl Storage {
         }
     }
 
-    /// Stores a spooled file under its digest (the caller computed the digest while
-    /// writing it) and removes the file. Returns false when the blob was already
-    /// there, in which case nothing is uploaded.
-    pub async fn put_blob_file(
+    /// Stores a blob that arrives while it is being packed; the packer's last piece
+    /// names its digest. Nothing appears under that digest unless the blob is
+    /// complete; a blob already there is not stored again.
+    pub async fn put_blob_stream(
         &self,
-        digest: &Digest,
-        file: &Path,
+        pieces: BlobReceiver,
         media_type: &str,
-    ) -> Result<bool, StorageError> {
+    ) -> Result<Put, StorageError> {
         match self {
-            Storage::Filesystem(s) => s.put_blob_file(digest, file).await,
-            Storage::Gcs(s) => s.put_blob_file(digest, file, media_type).await,
+            Storage::Filesystem(s) => s.put_blob_stream(pieces).await,
+            Storage::Gcs(s) => s.put_blob_stream(pieces, media_type).await,
         }
     }
 
