@@ -633,3 +633,96 @@ fn two_replicas_on_one_bucket_build_a_new_image_once() {
     let idle = if a.builds == 1 { &b } else { &a };
     assert_eq!((idle.uploads, idle.bytes_uploaded), (0, 0), "{idle:?}");
 }
+
+/// Object names in the bucket under `prefix`, read from the emulator's JSON API.
+fn bucket_objects(gcs: &FakeGcs, prefix: &str) -> Vec<String> {
+    let url = format!("{}/storage/v1/b/{BUCKET}/o?prefix={prefix}", gcs.endpoint());
+    let (status, _, body) = http_get(&url, &[]);
+    assert_eq!(status, 200, "GET {url}: {}", String::from_utf8_lossy(&body));
+    let list: serde_json::Value = serde_json::from_slice(&body).expect("object list JSON");
+    list["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|o| o["name"].as_str().expect("name").to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_large_layer_streams_into_the_bucket_while_it_is_packed_and_runs() {
+    let mut ok = require_fake_gcs() & require_root();
+    for t in ["skopeo", "umoci", "chroot"] {
+        ok &= require_tool(t);
+    }
+    if !ok {
+        return;
+    }
+    let gcs = FakeGcs::start(&[BUCKET]);
+    // 1 MiB chunks: the 6 MiB of random data in `noise` make a layer of six or more.
+    let server = start_server(&gcs, &[("NIXERY_STORAGE__UPLOAD_CHUNK_MIB", "1")]);
+    let (_, m) = manifest(&server, "noise");
+    let (digest, size) = m["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().expect("digest").to_string(),
+                l["size"].as_u64().expect("size"),
+            )
+        })
+        .max_by_key(|(_, size)| *size)
+        .expect("a layer");
+    assert!(size > 6 << 20, "the data layer is only {size} bytes");
+
+    // The first chunk was stored in the bucket before packing finished: the
+    // packer can only get three chunks ahead of the upload.
+    let log = server.log();
+    let streaming: Vec<usize> = log
+        .match_indices("streaming a layer into staging/")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(streaming.len(), 1, "one layer above a chunk:\n{log}");
+    let packed = log
+        .find(&format!("packed layer {digest}"))
+        .unwrap_or_else(|| panic!("no 'packed layer {digest}' line:\n{log}"));
+    assert!(
+        streaming[0] < packed,
+        "the upload began only after packing ended:\n{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "uploaded blobs/sha256/{} ({size} bytes, streamed while packed)",
+            digest.trim_start_matches("sha256:")
+        )),
+        "{log}"
+    );
+
+    // Published under its digest, complete; nothing left in staging.
+    let bytes = check_blob_redirect(&server, &gcs, "noise", &digest);
+    assert_eq!(bytes.len() as u64, size);
+    assert_eq!(bucket_objects(&gcs, "staging/"), Vec::<String>::new());
+
+    // A client pulls it and the data checks out inside the image.
+    let work_dir = tempfile::tempdir().unwrap();
+    let layout = work_dir.path().join("layout");
+    let bundle = work_dir.path().join("bundle");
+    skopeo_copy(&server, "noise", &layout);
+    run_ok(Command::new("umoci").args([
+        "unpack",
+        "--image",
+        &format!("{}:latest", layout.display()),
+        &bundle.display().to_string(),
+    ]));
+    let out = run_ok(
+        Command::new(which("chroot").unwrap())
+            .arg(bundle.join("rootfs"))
+            .arg("/bin/noise-check")
+            .env_clear()
+            .env("PATH", "/bin"),
+    );
+    assert!(out.stdout.contains("data: OK"), "{out}");
+}

@@ -279,6 +279,21 @@ let
       scripts."7z" = ''echo '7-Zip 23.01 (busybox shim)' '';
     };
 
+    # Incompressible data, so its layer spans several upload chunks;
+    # `noise-check` verifies the data inside the running image.
+    noise = scriptsPkg {
+      name = "noise-1.0";
+      scripts.noise-check = ''
+        bin=$(${busybox}/bin/dirname "$(${busybox}/bin/readlink -f "$0")")
+        cd "$bin/../share/noise" && ${busybox}/bin/sha256sum -c SHA256SUMS
+      '';
+      extraScript = ''
+        mkdir -p $out/share/noise
+        head -c 6291456 /dev/urandom > $out/share/noise/data
+        (cd $out/share/noise && sha256sum data > SHA256SUMS)
+      '';
+    };
+
     slow = scriptsPkg {
       name = "slow-1.0";
       scripts.slow = ''echo 'slow finished' '';
