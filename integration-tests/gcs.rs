@@ -679,7 +679,7 @@ fn a_large_layer_streams_into_the_bucket_while_it_is_packed_and_runs() {
     assert!(size > 6 << 20, "the data layer is only {size} bytes");
 
     // The first chunk was stored in the bucket before packing finished: the
-    // packer can only get three chunks ahead of the upload.
+    // packer hands a chunk over only once the one before it is stored.
     let log = server.log();
     let streaming: Vec<usize> = log
         .match_indices("streaming a layer into staging/")

@@ -1,8 +1,9 @@
 //! Hands a layer from the packer (a blocking worker thread) to an async upload in
-//! fixed-size chunks while it is still being compressed. The channel holds one
-//! chunk, so a layer in flight costs at most three chunks of memory (one filling,
-//! one queued, one being sent) however large it is, and a slow bucket slows the
-//! packer instead of piling bytes up.
+//! fixed-size chunks while it is still being compressed. A chunk is handed over
+//! only when the uploader takes it, which it does once the chunk before is stored:
+//! the packer fills one chunk while the previous one is sent, so a layer in flight
+//! costs at most two chunks of memory however large it is, and a slow bucket slows
+//! the packer instead of piling bytes up.
 
 use crate::reference::Digest;
 use bytes::Bytes;
@@ -94,6 +95,11 @@ impl BlobSender {
         self.sent += full.len() as u64;
         self.tx
             .blocking_send(Piece::Chunk(Bytes::from(full)))
+            .map_err(|_| stopped())?;
+        // The slot frees when the uploader takes the chunk; holding no permit,
+        // this only waits for that.
+        futures::executor::block_on(self.tx.reserve())
+            .map(drop)
             .map_err(|_| stopped())
     }
 
@@ -201,23 +207,29 @@ mod tests {
     }
 
     #[test]
-    fn at_most_one_chunk_waits_in_the_channel() {
+    fn a_chunk_is_handed_over_only_when_taken() {
         let (mut tx, mut rx) = channel(2);
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            // The first chunk fits in the channel; the second blocks until the
-            // receiver takes the first.
             tx.write_all(b"ab").unwrap();
             done_tx.send(1).unwrap();
             tx.write_all(b"cd").unwrap();
             done_tx.send(2).unwrap();
             tx.finish(digest(), 4).unwrap();
         });
+        let wait = std::time::Duration::from_millis(200);
+        assert!(
+            done_rx.recv_timeout(wait).is_err(),
+            "ran ahead of the uploader"
+        );
+        assert!(matches!(rx.blocking_next(), Some(Piece::Chunk(_))));
         assert_eq!(done_rx.recv().unwrap(), 1);
-        assert!(done_rx
-            .recv_timeout(std::time::Duration::from_millis(200))
-            .is_err());
+        assert!(
+            done_rx.recv_timeout(wait).is_err(),
+            "ran ahead of the uploader"
+        );
         assert!(matches!(rx.blocking_next(), Some(Piece::Chunk(_))));
         assert_eq!(done_rx.recv().unwrap(), 2);
+        assert!(matches!(rx.blocking_next(), Some(Piece::End { .. })));
     }
 }
