@@ -64,6 +64,13 @@ impl Digest {
         Self::parse(&format!("sha256:{hex}"))
     }
 
+    /// The digest of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        Digest {
+            hex: hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes)),
+        }
+    }
+
     pub fn hex(&self) -> &str {
         &self.hex
     }
@@ -216,6 +223,18 @@ fn truncate(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digest_of_bytes() {
+        assert_eq!(Digest::of(b"").to_string(), format!("sha256:{HEX}"));
+        assert_eq!(
+            Digest::of(b"abc"),
+            Digest::parse(
+                "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            )
+            .unwrap()
+        );
+    }
     use proptest::prelude::*;
 
     const HEX: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";

@@ -297,10 +297,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
 }
 
-fn digest_of(bytes: &[u8]) -> Digest {
-    Digest::from_hex(&sha256_hex(bytes)).expect("sha256 hex is a digest")
-}
-
 impl Actor for BuildCoordinator {
     type Context = Context<Self>;
 }
@@ -688,7 +684,7 @@ async fn assemble(
         cmd: info.has_bash.then(|| vec!["bash".to_string()]),
     };
     let config = Bytes::from(manifest::config_blob(request.arch, &entries, &runtime));
-    let config_digest = digest_of(&config);
+    let config_digest = Digest::of(&config);
     uploaded += put_bytes(c, &config_digest, config.clone(), manifest::DOCKER_CONFIG).await?;
     let mut manifests = Vec::with_capacity(2);
     for format in [ManifestFormat::Docker, ManifestFormat::Oci] {
@@ -698,7 +694,7 @@ async fn assemble(
             config.len() as u64,
             &entries,
         ));
-        let digest = digest_of(&bytes);
+        let digest = Digest::of(&bytes);
         uploaded += put_bytes(c, &digest, bytes.clone(), format.media_type()).await?;
         manifests.push(StoredManifest { digest, bytes });
     }
@@ -832,7 +828,7 @@ async fn load_image(
     let manifest = |text: String| {
         let bytes = Bytes::from(text.into_bytes());
         StoredManifest {
-            digest: digest_of(&bytes),
+            digest: Digest::of(&bytes),
             bytes,
         }
     };

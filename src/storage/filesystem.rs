@@ -228,11 +228,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = FsStorage::open(dir.path()).unwrap();
         let data = b"hello, a layer of several chunks".to_vec();
-        let d = Digest::from_hex(&hex::encode(ring::digest::digest(
-            &ring::digest::SHA256,
-            &data,
-        )))
-        .unwrap();
+        let d = Digest::of(&data);
         assert_eq!(s.blob_size(&d).await.unwrap(), None);
         let put = s
             .put_blob_stream(feed(data.clone(), 4, true))

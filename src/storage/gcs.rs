@@ -1036,14 +1036,6 @@ mod tests {
         }
     }
 
-    fn sha256(data: &[u8]) -> Digest {
-        Digest::from_hex(&hex::encode(ring::digest::digest(
-            &ring::digest::SHA256,
-            data,
-        )))
-        .unwrap()
-    }
-
     fn random_bytes(n: usize) -> Vec<u8> {
         let mut v = vec![0u8; n];
         rand::fill(&mut v[..]);
@@ -1258,7 +1250,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(s.chunk(), chunk);
-        let d = sha256(&data);
+        let d = Digest::of(&data);
         let put = s
             .put_blob_stream(feed(data.clone(), chunk, true), "application/octet-stream")
             .await
@@ -1442,7 +1434,7 @@ mod tests {
 
         // A layer of several chunks streams through staging to its digest name.
         let big = random_bytes(5 * chunk + 12345);
-        let d = sha256(&big);
+        let d = Digest::of(&big);
         assert_eq!(s.blob_size(&d).await.unwrap(), None);
         let start = Instant::now();
         let put = s
@@ -1486,12 +1478,12 @@ mod tests {
             .await,
             Err(StorageError::Abandoned)
         ));
-        assert_eq!(s.blob_size(&sha256(&other)).await.unwrap(), None);
+        assert_eq!(s.blob_size(&Digest::of(&other)).await.unwrap(), None);
         assert_eq!(staged().await, Vec::<String>::new());
 
         // A layer within one chunk goes straight to its digest name.
         let small = random_bytes(300 << 10);
-        let ds = sha256(&small);
+        let ds = Digest::of(&small);
         let put = s
             .put_blob_stream(feed(small.clone(), chunk, true), "application/octet-stream")
             .await
@@ -1525,7 +1517,7 @@ mod tests {
         drop(reopened);
 
         let config = Bytes::from_static(br#"{"architecture":"amd64"}"#);
-        let dc = sha256(&config);
+        let dc = Digest::of(&config);
         let media = "application/vnd.docker.container.image.v1+json";
         assert!(s.put_blob_bytes(&dc, config.clone(), media).await.unwrap());
         assert!(!s.put_blob_bytes(&dc, config.clone(), media).await.unwrap());
