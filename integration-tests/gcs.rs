@@ -182,36 +182,46 @@ fn skopeo_copy(server: &Server, name: &str, layout: &Path) {
     ]));
 }
 
-// ---------------------------------------------------------------------------
-
-#[test]
-fn skopeo_pulls_shell_cowsay_through_signed_redirects_and_it_runs() {
+/// Whether this machine can pull an image from the emulator and run it.
+fn can_pull_and_run() -> bool {
     let mut ok = require_fake_gcs() & require_root();
     for t in ["skopeo", "umoci", "chroot"] {
         ok &= require_tool(t);
     }
-    if !ok {
-        return;
-    }
-    let gcs = FakeGcs::start(&[BUCKET]);
-    let server = start_server(&gcs, &[]);
+    ok
+}
+
+/// Pulls `name` with skopeo, unpacks it with umoci and runs `argv` in it (chroot).
+fn pull_and_run(server: &Server, name: &str, argv: &[&str]) -> common::CmdOutput {
     let work_dir = tempfile::tempdir().unwrap();
     let layout = work_dir.path().join("layout");
     let bundle = work_dir.path().join("bundle");
-    skopeo_copy(&server, "shell/cowsay", &layout);
+    skopeo_copy(server, name, &layout);
     run_ok(Command::new("umoci").args([
         "unpack",
         "--image",
         &format!("{}:latest", layout.display()),
         &bundle.display().to_string(),
     ]));
-    let out = run_ok(
+    run_ok(
         Command::new(which("chroot").unwrap())
             .arg(bundle.join("rootfs"))
-            .args(["/bin/cowsay", "moo"])
+            .args(argv)
             .env_clear()
             .env("PATH", "/bin"),
-    );
+    )
+}
+
+// ---------------------------------------------------------------------------
+
+#[test]
+fn skopeo_pulls_shell_cowsay_through_signed_redirects_and_it_runs() {
+    if !can_pull_and_run() {
+        return;
+    }
+    let gcs = FakeGcs::start(&[BUCKET]);
+    let server = start_server(&gcs, &[]);
+    let out = pull_and_run(&server, "shell/cowsay", &["/bin/cowsay", "moo"]);
     assert!(out.stdout.contains("< moo >"), "no speech bubble:\n{out}");
     assert!(out.stdout.contains("(oo)"), "no cow:\n{out}");
 
@@ -653,11 +663,7 @@ fn bucket_objects(gcs: &FakeGcs, prefix: &str) -> Vec<String> {
 
 #[test]
 fn a_large_layer_streams_into_the_bucket_while_it_is_packed_and_runs() {
-    let mut ok = require_fake_gcs() & require_root();
-    for t in ["skopeo", "umoci", "chroot"] {
-        ok &= require_tool(t);
-    }
-    if !ok {
+    if !can_pull_and_run() {
         return;
     }
     let gcs = FakeGcs::start(&[BUCKET]);
@@ -707,22 +713,6 @@ fn a_large_layer_streams_into_the_bucket_while_it_is_packed_and_runs() {
     assert_eq!(bucket_objects(&gcs, "staging/"), Vec::<String>::new());
 
     // A client pulls it and the data checks out inside the image.
-    let work_dir = tempfile::tempdir().unwrap();
-    let layout = work_dir.path().join("layout");
-    let bundle = work_dir.path().join("bundle");
-    skopeo_copy(&server, "noise", &layout);
-    run_ok(Command::new("umoci").args([
-        "unpack",
-        "--image",
-        &format!("{}:latest", layout.display()),
-        &bundle.display().to_string(),
-    ]));
-    let out = run_ok(
-        Command::new(which("chroot").unwrap())
-            .arg(bundle.join("rootfs"))
-            .arg("/bin/noise-check")
-            .env_clear()
-            .env("PATH", "/bin"),
-    );
+    let out = pull_and_run(&server, "noise", &["/bin/noise-check"]);
     assert!(out.stdout.contains("data: OK"), "{out}");
 }
