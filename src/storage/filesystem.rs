@@ -28,7 +28,7 @@ impl FsStorage {
         // Each process spools into a directory of its own, so processes sharing the
         // storage never clear each other's files.
         let spool_root = root.join("tmp");
-        let spool = spool_root.join(super::lease_holder().replace(':', "-"));
+        let spool = spool_root.join(super::holder_tag());
         for dir in [
             root.join("blobs/sha256"),
             root.join("records"),
@@ -45,11 +45,7 @@ impl FsStorage {
                 if path == spool {
                     continue;
                 }
-                let dead = entry
-                    .file_name()
-                    .to_string_lossy()
-                    .rsplit_once('-')
-                    .is_some_and(|(host, pid)| super::holder_is_dead(&format!("{host}:{pid}")));
+                let dead = super::tag_is_dead(&entry.file_name().to_string_lossy());
                 let old = entry
                     .metadata()
                     .and_then(|m| m.modified())

@@ -228,19 +228,17 @@ fn normalize_endpoint(endpoint: &str) -> String {
 fn staging_object() -> String {
     format!(
         "{STAGING_PREFIX}{}-{:016x}",
-        super::lease_holder().replace(':', "-"),
+        super::holder_tag(),
         rand::random::<u64>()
     )
 }
 
-/// The `host:pid` a staging object was named after.
-fn staging_holder(object: &str) -> Option<String> {
-    let name = object.strip_prefix(STAGING_PREFIX)?;
-    let mut parts = name.rsplitn(3, '-');
-    let _random = parts.next()?;
-    let pid = parts.next()?;
-    let host = parts.next()?;
-    Some(format!("{host}:{pid}"))
+/// Whether a staging object was named by a process on this host that is gone.
+fn staged_by_dead_process(object: &str) -> bool {
+    object
+        .strip_prefix(STAGING_PREFIX)
+        .and_then(|name| name.rsplit_once('-'))
+        .is_some_and(|(tag, _random)| super::tag_is_dead(tag))
 }
 
 impl GcsStorage {
@@ -661,10 +659,7 @@ impl GcsStorage {
     /// copy: those of dead processes on this host, and any older than
     /// [`STAGING_MAX_AGE`]. Best effort: leftovers cost only space.
     async fn sweep_staging(&self) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        let now = super::unix_now() as i64;
         let mut page_token = None;
         loop {
             let req = ListObjectsRequest {
@@ -689,7 +684,7 @@ impl GcsStorage {
                     .time_created
                     .map(|t| now - t.unix_timestamp())
                     .unwrap_or(0);
-                let dead = staging_holder(&o.name).is_some_and(|h| super::holder_is_dead(&h));
+                let dead = staged_by_dead_process(&o.name);
                 if dead || age > STAGING_MAX_AGE.as_secs() as i64 {
                     log::info!("removing leftover {}", o.name);
                     if let Err(e) = self.delete_object(&o.name).await {

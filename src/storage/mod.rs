@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use stream::BlobReceiver;
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -34,9 +34,21 @@ pub(crate) fn holder_is_dead(holder: &str) -> bool {
     host == hostname() && pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// This process, as named in leases and spool directories: `host:pid`.
+/// This process, as named in leases: `host:pid`.
 pub(crate) fn lease_holder() -> String {
     format!("{}:{}", hostname(), std::process::id())
+}
+
+/// This process in a file or object name (spool directories, staging objects):
+/// `host-pid`, since `:` is awkward in paths.
+pub(crate) fn holder_tag() -> String {
+    lease_holder().replace(':', "-")
+}
+
+/// Whether a name made by [`holder_tag`] is that of a dead process on this host.
+pub(crate) fn tag_is_dead(tag: &str) -> bool {
+    tag.rsplit_once('-')
+        .is_some_and(|(host, pid)| holder_is_dead(&format!("{host}:{pid}")))
 }
 
 fn hostname() -> String {
