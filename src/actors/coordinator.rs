@@ -973,10 +973,7 @@ async fn pack(c: &BuildContext, contents: LayerContents) -> Result<(PackedLayer,
         Ok(put) => put,
     };
     let packed = packed?;
-    let digest = Digest::parse(&packed.summary.digest).map_err(|e| {
-        BuildError::Internal(format!("layer digest {}: {e}", packed.summary.digest))
-    })?;
-    c.shared.remember_blob(&digest);
+    c.shared.remember_blob(&packed.digest);
     Ok((packed, put))
 }
 

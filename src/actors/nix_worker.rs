@@ -54,6 +54,8 @@ pub struct Pack {
 #[derive(Debug)]
 pub struct PackedLayer {
     pub summary: LayerSummary,
+    /// `summary.digest`, parsed.
+    pub digest: Digest,
     /// For a symlink layer.
     pub symlinks: Option<SymlinkLayerInfo>,
 }
@@ -172,7 +174,7 @@ impl Handler<Pack> for NixWorker {
         .map_err(|e| BuildError::Internal(format!("packing layer: {e}")))?;
         let digest = Digest::parse(&summary.digest)
             .map_err(|e| BuildError::Internal(format!("layer digest {}: {e}", summary.digest)))?;
-        sink.finish(digest, summary.size)
+        sink.finish(digest.clone(), summary.size)
             .map_err(|e| BuildError::Internal(format!("packing layer: {e}")))?;
         log::info!(
             "packed layer {} ({} bytes) in {} ms",
@@ -180,6 +182,10 @@ impl Handler<Pack> for NixWorker {
             summary.size,
             started.elapsed().as_millis()
         );
-        Ok(PackedLayer { summary, symlinks })
+        Ok(PackedLayer {
+            summary,
+            digest,
+            symlinks,
+        })
     }
 }

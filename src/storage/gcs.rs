@@ -606,6 +606,9 @@ impl GcsStorage {
             ));
         }
         let target = blob_object(digest);
+        // The copy's precondition alone would do on GCS; fake-gcs-server ignores it
+        // on copies, and asking first keeps a blob another replica published from
+        // being rewritten there too.
         let created = if self.blob_size(digest).await?.is_some() {
             false
         } else {
