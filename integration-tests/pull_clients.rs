@@ -373,21 +373,9 @@ fn unknown_package_is_a_registry_error_naming_it() {
         &server.url("/v2/hello/nosuchpkg/manifests/latest"),
         &[("Accept", DOCKER_V2S2)],
     );
-    let text = String::from_utf8_lossy(&body);
-    assert_eq!(status, 404, "{text}");
-    assert!(
-        h.get("content-type")
-            .is_some_and(|c| c.starts_with("application/json")),
-        "{h:?}"
-    );
-    let v: serde_json::Value = serde_json::from_slice(&body).expect("JSON error body");
-    assert_eq!(v["errors"][0]["code"], "MANIFEST_UNKNOWN", "{text}");
-    assert!(
-        v["errors"][0]["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("nosuchpkg")),
-        "{text}"
-    );
+    let (code, message) = common::registry_error(404, status, &h, &body);
+    assert_eq!(code, "MANIFEST_UNKNOWN", "{message}");
+    assert!(message.contains("nosuchpkg"), "{message}");
     let (status, _) = http_head(
         &server.url("/v2/hello/nosuchpkg/manifests/latest"),
         &[("Accept", DOCKER_V2S2)],

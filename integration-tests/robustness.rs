@@ -23,7 +23,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{http_get, http_request, sha256_digest, Headers, NixWrappers, Server};
+use common::{error_of, http_get, http_request, sha256_digest, Headers, NixWrappers, Server};
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -224,15 +224,6 @@ fn describe_pids(pids: &[u32]) -> String {
 }
 
 /// `errors[0].code` and `errors[0].message` of a registry error body.
-fn error_of(body: &[u8]) -> Option<(String, String)> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let e = v.get("errors")?.get(0)?;
-    Some((
-        e.get("code")?.as_str()?.to_string(),
-        e.get("message")?.as_str()?.to_string(),
-    ))
-}
-
 fn body_text(body: &[u8]) -> String {
     String::from_utf8_lossy(body).into_owned()
 }

@@ -677,6 +677,29 @@ pub fn http_head(url: &str, headers: &[(&str, &str)]) -> (u16, Headers) {
 }
 
 /// `sha256:<hex>` of `data`.
+/// The first error of a registry error body: its code and message.
+pub fn error_of(body: &[u8]) -> Option<(String, String)> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let e = v.get("errors")?.get(0)?;
+    Some((
+        e.get("code")?.as_str()?.to_string(),
+        e.get("message")?.as_str()?.to_string(),
+    ))
+}
+
+/// Checks that an answer has status `expected` and a JSON registry error body;
+/// returns its first error's code and message.
+pub fn registry_error(expected: u16, status: u16, h: &Headers, body: &[u8]) -> (String, String) {
+    let text = String::from_utf8_lossy(body);
+    assert_eq!(status, expected, "{text}");
+    assert!(
+        h.get("content-type")
+            .is_some_and(|c| c.starts_with("application/json")),
+        "{h:?}"
+    );
+    error_of(body).unwrap_or_else(|| panic!("not a registry error body: {text}"))
+}
+
 pub fn sha256_digest(data: &[u8]) -> String {
     format!(
         "sha256:{}",
