@@ -7,6 +7,12 @@
 use crate::layers::StorePathInfo;
 use serde::Deserialize;
 
+pub mod errors;
+pub mod progress;
+
+pub use errors::error_tail;
+pub use progress::RealiseProgress;
+
 /// The expression that resolves an image's packages; written next to the storage at
 /// start-up so `nix-instantiate` can read it from a file.
 pub const PREPARE_IMAGE_NIX: &str = include_str!("nix/prepare-image.nix");
@@ -107,36 +113,6 @@ pub fn realise_args(eval: &Evaluation, timeout_secs: u64) -> Vec<String> {
     args
 }
 
-/// Progress of a `nix-store --realise` run, read from its stderr.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RealiseProgress {
-    pub total: usize,
-    pub started: usize,
-}
-
-impl RealiseProgress {
-    /// Updates from one stderr line; true when something changed.
-    pub fn observe(&mut self, line: &str) -> bool {
-        let line = line.trim();
-        if let Some(rest) = line.strip_prefix("these ") {
-            let mut words = rest.split_whitespace();
-            if let (Some(n), Some("derivations" | "derivation")) = (words.next(), words.next()) {
-                if let Ok(n) = n.parse() {
-                    self.total = n;
-                    return true;
-                }
-            }
-        } else if line.starts_with("this derivation will be built") {
-            self.total = 1;
-            return true;
-        } else if line.starts_with("building '/nix/store/") {
-            self.started += 1;
-            return true;
-        }
-        false
-    }
-}
-
 /// Parses `nix-store --dump-db` output (the registration format that
 /// `nix-store --load-db` reads, stable across Nix versions): per path, the path,
 /// its nar hash, nar size, deriver, reference count and references.
@@ -174,62 +150,6 @@ pub fn parse_registration(text: &str) -> Result<Vec<StorePathInfo>, String> {
         });
     }
     Ok(out)
-}
-
-/// The part of Nix's error output a user needs: the last lines, without colour
-/// codes and without the noise of unreachable binary caches.
-pub fn error_tail(stderr: &[u8], max_bytes: usize) -> String {
-    let text = String::from_utf8_lossy(stderr);
-    let mut lines: Vec<String> = text
-        .lines()
-        .map(strip_ansi)
-        .filter(|l| {
-            let t = l.trim();
-            !t.is_empty()
-                && !t.contains("unable to download")
-                && !t.starts_with("warning: you did not specify '--add-root'")
-        })
-        .collect();
-    let mut total = 0;
-    let mut keep = 0;
-    for line in lines.iter().rev() {
-        if total + line.len() + 1 > max_bytes && keep > 0 {
-            break;
-        }
-        total += line.len() + 1;
-        keep += 1;
-    }
-    let tail = lines.split_off(lines.len() - keep);
-    let joined = tail.join("\n");
-    if joined.len() > max_bytes {
-        let mut cut = joined.len() - max_bytes;
-        while !joined.is_char_boundary(cut) {
-            cut += 1;
-        }
-        joined[cut..].to_string()
-    } else {
-        joined
-    }
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            if chars.peek() == Some(&'[') {
-                chars.next();
-                for c in chars.by_ref() {
-                    if c.is_ascii_alphabetic() {
-                        break;
-                    }
-                }
-            }
-            continue;
-        }
-        out.push(c);
-    }
-    out
 }
 
 #[cfg(test)]
@@ -283,25 +203,6 @@ mod tests {
     }
 
     #[test]
-    fn realise_progress_from_stderr() {
-        // Captured from nix-store --realise (Nix 2.8).
-        let stderr = "these 2 derivations will be built:\n  /nix/store/a-x.drv\n  /nix/store/b-y.drv\nbuilding '/nix/store/a-x.drv'...\nbuilding '/nix/store/b-y.drv'...\n";
-        let mut p = RealiseProgress::default();
-        let changes = stderr.lines().filter(|l| p.observe(l)).count();
-        assert_eq!(changes, 3);
-        assert_eq!(
-            p,
-            RealiseProgress {
-                total: 2,
-                started: 2
-            }
-        );
-        let mut one = RealiseProgress::default();
-        assert!(one.observe("this derivation will be built:"));
-        assert_eq!(one.total, 1);
-    }
-
-    #[test]
     fn parses_registration() {
         // Captured from `nix-store --dump-db` (Nix 2.8).
         let text = "/nix/store/amjh-hello-1.0\n9b1e61\n616\n/nix/store/arv2-hello-1.0.drv\n2\n/nix/store/8hzb-busybox\n/nix/store/q9v7-libfoo-1.0\n/nix/store/8hzb-busybox\nabcd\n1982568\n\n0\n";
@@ -316,17 +217,5 @@ mod tests {
         assert!(infos[1].references.is_empty());
         assert!(parse_registration("/nix/store/x\nh\nnotanumber\n").is_err());
         assert!(parse_registration("/nix/store/x\nh\n1\n\n3\n/a\n").is_err());
-    }
-
-    #[test]
-    fn error_tail_keeps_the_end_without_noise() {
-        let stderr = b"warning: error: unable to download 'https://cache.nixos.org/nix-cache-info': x\n\x1b[31;1merror:\x1b[0m builder for 'x.drv' failed\nline two\n";
-        assert_eq!(
-            error_tail(stderr, 1000),
-            "error: builder for 'x.drv' failed\nline two"
-        );
-        let long = "x".repeat(50) + "\n" + &"y".repeat(50);
-        assert_eq!(error_tail(long.as_bytes(), 60), "y".repeat(50));
-        assert!(error_tail("é".repeat(100).as_bytes(), 11).len() <= 11);
     }
 }
