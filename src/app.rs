@@ -9,7 +9,9 @@ use crate::actors::upload::UploadActor;
 use crate::config::Settings;
 use crate::http::{self, AppState};
 use crate::layers::{LayerParams, Popularity};
-use crate::nix;
+use crate::nix::{self, NixOptions};
+use crate::source::Sources;
+use crate::config::PackageSource;
 use crate::signing::ServiceAccountKey;
 use crate::storage::{filesystem::FsStorage, gcs::GcsStorage, Storage};
 use actix::prelude::*;
@@ -19,7 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub async fn run(settings: Settings) -> Result<(), String> {
-    let source = settings.package_source().map_err(|e| e.to_string())?;
+    let sources = Sources::start(&settings)?;
+    let source = sources.source().clone();
     let storage =
         Arc::new(match settings.storage.backend.as_str() {
             "gcs" => Storage::Gcs(
@@ -32,7 +35,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             )?),
         });
     let (popularity, popularity_id) = load_popularity(&settings.layers.popularity_url).await?;
-    let expr_file = write_expression()?;
+    let (expr_file, home) = write_expression()?;
     let signing_key = match (storage.name(), settings.storage.credentials.as_str()) {
         ("gcs", path) if !path.is_empty() => {
             let json = std::fs::read(path).map_err(|e| {
@@ -46,20 +49,41 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     };
 
     let workers = settings.nix_workers();
-    let worker_settings = (
-        expr_file.display().to_string(),
-        (!settings.nix.bin_dir.is_empty()).then(|| PathBuf::from(&settings.nix.bin_dir)),
-        Duration::from_secs(settings.nix.eval_timeout_secs.max(1)),
-        Duration::from_secs(settings.nix.timeout_secs),
-        settings.layers.gzip_level,
-    );
-    let nix_workers = SyncArbiter::start(workers, move || NixWorker {
-        expr_file: worker_settings.0.clone(),
-        bin_dir: worker_settings.1.clone(),
-        eval_timeout: worker_settings.2,
-        build_timeout: worker_settings.3,
-        gzip_level: worker_settings.4,
-    });
+    let nix = &settings.nix;
+    let options = NixOptions {
+        substituters: nix.substituters.clone(),
+        trusted_public_keys: nix.trusted_public_keys.clone(),
+        connect_timeout_secs: nix.connect_timeout_secs,
+        stalled_download_timeout_secs: nix.stalled_download_timeout_secs,
+        tarball_ttl_secs: settings.source.ref_ttl_secs,
+    };
+    let expr_dir = expr_file
+        .parent()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    let mut path_labels = vec![(expr_dir, "<nixery>".to_string())];
+    if let PackageSource::Path(p) = &source {
+        path_labels.insert(0, (p.trim_end_matches('/').to_string(), "<package set>".into()));
+    }
+    if !settings.source.nixpkgs_config.is_empty() {
+        path_labels.push((
+            settings.source.nixpkgs_config.clone(),
+            "<source.nixpkgs_config>".into(),
+        ));
+    }
+    let worker = NixWorker {
+        expr_file: expr_file.display().to_string(),
+        bin_dir: (!nix.bin_dir.is_empty()).then(|| PathBuf::from(&nix.bin_dir)),
+        eval_timeout: Duration::from_secs(nix.eval_timeout_secs.max(1)),
+        build_timeout: Duration::from_secs(nix.timeout_secs),
+        gzip_level: settings.layers.gzip_level,
+        options: options.args(),
+        config: sources.nixpkgs_config().clone(),
+        home,
+        cache_home: fetch_cache_dir(),
+        path_labels,
+    };
+    let nix_workers = SyncArbiter::start(workers, move || worker.clone());
     let uploader = UploadActor::new(storage.clone(), settings.storage.upload_concurrency).start();
     let signer = SignerActor::new(
         signing_key,
@@ -90,10 +114,9 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     let coordinator_arbiter = Arbiter::new();
     let capacity = workers + settings.nix.queue_limit;
     let failure_ttl = Duration::from_secs(settings.nix.failure_cache_secs);
-    let eval_cache = Duration::from_secs(settings.nix.eval_cache_secs);
     let coordinator =
         BuildCoordinator::start_in_arbiter(&coordinator_arbiter.handle(), move |_| {
-            BuildCoordinator::new(context, capacity, failure_ttl, eval_cache)
+            BuildCoordinator::new(context, capacity, failure_ttl)
         });
 
     let state = web::Data::new(AppState {
@@ -101,7 +124,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         signer,
         storage: storage.clone(),
         shared,
-        source: source.clone(),
+        sources,
         limits: settings.limits.clone(),
     });
     let mut server = HttpServer::new(move || {
@@ -141,14 +164,24 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     result
 }
 
-/// The Nix expression lives in the binary; Nix reads it from a private file.
-fn write_expression() -> Result<PathBuf, String> {
+/// The Nix expression lives in the binary; Nix reads it from a private file. Next
+/// to it, the empty HOME of every Nix call.
+fn write_expression() -> Result<(PathBuf, PathBuf), String> {
     let dir = std::env::temp_dir().join(format!("nixery-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home).map_err(|e| format!("creating {}: {e}", home.display()))?;
     let path = dir.join("prepare-image.nix");
     std::fs::write(&path, nix::PREPARE_IMAGE_NIX)
         .map_err(|e| format!("writing {}: {e}", path.display()))?;
-    Ok(path)
+    Ok((path, home))
+}
+
+/// Where Nix keeps fetched tarballs and git clones for the server's account.
+fn fetch_cache_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
 }
 
 /// Popularity data from a URL or a file; none means every package counts 1.

@@ -52,8 +52,13 @@ pub struct Server {
 #[serde(deny_unknown_fields)]
 pub struct SourceSettings {
     pub channel: String,
+    pub channel_url: String,
     pub repo: String,
     pub path: String,
+    pub ref_ttl_secs: u64,
+    pub watch_interval_secs: u64,
+    pub allow_unfree: bool,
+    pub nixpkgs_config: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -84,8 +89,11 @@ pub struct NixSettings {
     pub workers: usize,
     pub queue_limit: usize,
     pub failure_cache_secs: u64,
-    pub eval_cache_secs: u64,
     pub bin_dir: String,
+    pub substituters: String,
+    pub trusted_public_keys: String,
+    pub connect_timeout_secs: u64,
+    pub stalled_download_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -116,59 +124,6 @@ pub enum PackageSource {
     Git(String),
     /// A local directory.
     Path(String),
-}
-
-impl PackageSource {
-    /// Nix's view of the source for a request's tag, and whether the result is
-    /// pinned (the same name always gives the same image), which makes it cacheable
-    /// without evaluating.
-    pub fn for_tag(&self, tag: &str) -> (crate::nix::SourceArgs, bool) {
-        use crate::nix::SourceArgs;
-        match self {
-            PackageSource::Channel(c) => (
-                SourceArgs {
-                    src_type: "nixpkgs",
-                    src_args: c.clone(),
-                },
-                is_commit(c),
-            ),
-            PackageSource::Git(url) => {
-                let mut spec = serde_json::Map::new();
-                spec.insert("url".into(), url.clone().into());
-                let pinned = is_commit(tag);
-                if pinned {
-                    spec.insert("rev".into(), tag.into());
-                    // A commit need not be on the default branch.
-                    spec.insert("allRefs".into(), true.into());
-                } else if tag != "latest" {
-                    spec.insert("ref".into(), tag.into());
-                }
-                (
-                    SourceArgs {
-                        src_type: "git",
-                        src_args: serde_json::Value::Object(spec).to_string(),
-                    },
-                    pinned,
-                )
-            }
-            PackageSource::Path(p) => (
-                SourceArgs {
-                    src_type: "path",
-                    src_args: p.clone(),
-                },
-                false,
-            ),
-        }
-    }
-
-    /// Whether the tag takes part in choosing the package set version.
-    pub fn uses_tag(&self) -> bool {
-        matches!(self, PackageSource::Git(_))
-    }
-}
-
-fn is_commit(s: &str) -> bool {
-    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// One line naming the key that is wrong.
@@ -252,6 +207,25 @@ impl Settings {
         }
         if !(1..=256).contains(&self.storage.upload_chunk_mib) {
             return err("storage.upload_chunk_mib", "must be between 1 and 256");
+        }
+        let c = &self.source.nixpkgs_config;
+        if !c.is_empty() && !std::path::Path::new(c).is_absolute() {
+            return err("source.nixpkgs_config", &format!("{c:?} must be an absolute path"));
+        }
+        if !self.source.channel.is_empty() && self.source.channel_url.is_empty() {
+            return err("source.channel_url", "required for a channel source");
+        }
+        if self.source.watch_interval_secs == 0 || self.source.ref_ttl_secs == 0 {
+            return err(
+                "source",
+                "watch_interval_secs and ref_ttl_secs must be at least 1",
+            );
+        }
+        if self.nix.connect_timeout_secs == 0 || self.nix.stalled_download_timeout_secs == 0 {
+            return err(
+                "nix",
+                "connect_timeout_secs and stalled_download_timeout_secs must be at least 1",
+            );
         }
         if self.limits.max_packages == 0 || self.limits.max_name_length == 0 {
             return err(
@@ -363,20 +337,24 @@ mod tests {
     }
 
     #[test]
-    fn tags_select_git_revisions() {
-        let git = PackageSource::Git("https://example.org/pkgs.git".into());
-        let (latest, pinned) = git.for_tag("latest");
-        assert!(!pinned);
-        assert_eq!(latest.src_args, r#"{"url":"https://example.org/pkgs.git"}"#);
-        let rev = "0123456789abcdef0123456789abcdef01234567";
-        let (args, pinned) = git.for_tag(rev);
-        assert!(pinned);
-        assert!(args.src_args.contains(&format!(r#""rev":"{rev}""#)));
-        let (branch, _) = git.for_tag("release-1");
-        assert!(branch.src_args.contains(r#""ref":"release-1""#));
-        let (_, pinned) = PackageSource::Channel(rev.into()).for_tag("x");
-        assert!(pinned);
-        let (_, pinned) = PackageSource::Path("/p".into()).for_tag(rev);
-        assert!(!pinned);
+    fn nix_and_source_keys() {
+        let s = Settings::load(&env(&[
+            ("NIXERY_PKGS_PATH", "/pkgs"),
+            ("NIXERY_NIX__SUBSTITUTERS", ""),
+            ("NIXERY_SOURCE__ALLOW_UNFREE", "true"),
+        ]))
+        .unwrap();
+        assert_eq!(s.nix.substituters, "");
+        assert!(s.source.allow_unfree);
+        let d = Settings::load(&env(&[("NIXERY_PKGS_PATH", "/pkgs")])).unwrap();
+        assert_eq!(d.nix.substituters, "https://cache.nixos.org/");
+        assert!(!d.source.allow_unfree);
+        let e = Settings::load(&env(&[
+            ("NIXERY_PKGS_PATH", "/pkgs"),
+            ("NIXERY_SOURCE__NIXPKGS_CONFIG", "cfg.nix"),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("source.nixpkgs_config"), "{e}");
     }
 }

@@ -6,6 +6,7 @@
 
 use crate::image::ImageError;
 use crate::reference::RouteError;
+use crate::source::SourceError;
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
@@ -179,6 +180,16 @@ impl From<BuildError> for RegistryError {
             BuildError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
         };
         RegistryError::new(status, code, message)
+    }
+}
+
+impl From<SourceError> for RegistryError {
+    fn from(e: SourceError) -> Self {
+        let (status, code) = match &e {
+            SourceError::UnknownRef { .. } => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
+            SourceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+        };
+        RegistryError::new(status, code, e.to_string())
     }
 }
 

@@ -4,11 +4,12 @@
 
 use crate::actors::coordinator::{request_key, BuildCoordinator, GetImage, SharedState};
 use crate::actors::signer::{BlobAccess, LocateBlob, SignerActor};
-use crate::config::{Limits, PackageSource};
+use crate::config::Limits;
 use crate::error::RegistryError;
 use crate::image::ImageRequest;
 use crate::manifest::{self, ManifestFormat};
 use crate::reference::{parse_route, Digest, Reference, Route};
+use crate::source::Sources;
 use crate::storage::Storage;
 use actix::Addr;
 use actix_web::body::{BoxBody, EitherBody, MessageBody};
@@ -26,7 +27,7 @@ pub struct AppState {
     pub signer: Addr<SignerActor>,
     pub storage: Arc<Storage>,
     pub shared: Arc<SharedState>,
-    pub source: PackageSource,
+    pub sources: Arc<Sources>,
     pub limits: Limits,
 }
 
@@ -116,7 +117,7 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
             reference: Reference::Tag(tag),
         } => {
             let request = ImageRequest::from_name(&name, state.limits.max_packages)?;
-            let (source, pinned) = state.source.for_tag(&tag);
+            let source = state.sources.resolve(&tag).await?;
             let format = ManifestFormat::negotiate(
                 req.headers()
                     .get_all(header::ACCEPT)
@@ -129,9 +130,9 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
                     state
                         .coordinator
                         .send(GetImage {
+                            key,
                             request,
                             source,
-                            pinned,
                         })
                         .await??
                 }

@@ -19,4 +19,5 @@ pub mod pargzip;
 pub mod process;
 pub mod reference;
 pub mod signing;
+pub mod source;
 pub mod storage;

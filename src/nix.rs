@@ -24,11 +24,59 @@ pub struct SourceArgs {
     pub src_args: String,
 }
 
+/// The nixpkgs config of every evaluation, from the registry's settings only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NixpkgsConfig {
+    pub allow_unfree: bool,
+    /// Absolute path of a Nix file with the rest of the nixpkgs config, or empty.
+    pub file: String,
+}
+
+/// What every Nix call is told explicitly, so that the host's nix.conf does not
+/// decide where store paths come from or how long a dead cache is waited for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NixOptions {
+    /// Space-separated, as in nix.conf; empty for none.
+    pub substituters: String,
+    pub trusted_public_keys: String,
+    pub connect_timeout_secs: u64,
+    pub stalled_download_timeout_secs: u64,
+    /// How long a fetched channel tarball is reused before Nix fetches it again.
+    pub tarball_ttl_secs: u64,
+}
+
+impl NixOptions {
+    pub fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        let mut option = |name: &str, value: String| {
+            args.extend(["--option".to_string(), name.to_string(), value]);
+        };
+        option("substituters", self.substituters.clone());
+        option("trusted-public-keys", self.trusted_public_keys.clone());
+        option("connect-timeout", self.connect_timeout_secs.to_string());
+        option(
+            "stalled-download-timeout",
+            self.stalled_download_timeout_secs.to_string(),
+        );
+        option("tarball-ttl", self.tarball_ttl_secs.to_string());
+        args
+    }
+}
+
+/// Environment variables through which the server's own account could change what
+/// a package set evaluates to (nixpkgs reads NIXPKGS_ALLOW_UNFREE and friends even
+/// when given a config); they are removed from every Nix call, and HOME points at
+/// an empty directory.
+pub fn is_leaky_env(name: &str) -> bool {
+    name.starts_with("NIXPKGS_") || name == "NIX_PATH" || name == "XDG_CONFIG_HOME"
+}
+
 /// `nix-instantiate` arguments that evaluate which derivations make up an image.
 /// The package names travel as JSON in an `--argstr`, never as Nix code.
 pub fn eval_args(
     expr_file: &str,
     source: &SourceArgs,
+    config: &NixpkgsConfig,
     system: &str,
     packages: &[String],
     optional: &[String],
@@ -47,6 +95,12 @@ pub fn eval_args(
         "--argstr".into(),
         "srcArgs".into(),
         source.src_args.clone(),
+        "--argstr".into(),
+        "allowUnfree".into(),
+        config.allow_unfree.to_string(),
+        "--argstr".into(),
+        "nixpkgsConfig".into(),
+        config.file.clone(),
         "--argstr".into(),
         "system".into(),
         system.into(),
@@ -162,9 +216,14 @@ mod tests {
             src_type: "path",
             src_args: "/pkgs".into(),
         };
+        let config = NixpkgsConfig {
+            allow_unfree: false,
+            file: String::new(),
+        };
         let args = eval_args(
             "/x.nix",
             &src,
+            &config,
             "x86_64-linux",
             &["a\"b".into(), "${x}".into()],
             &["cacert".into()],
@@ -173,6 +232,25 @@ mod tests {
         assert_eq!(args[i + 1], r#"["a\"b","${x}"]"#);
         assert_eq!(args[i - 1], "--argstr");
         assert_eq!(&args[args.len() - 2..], ["-A", "info"]);
+        let i = args.iter().position(|a| a == "allowUnfree").unwrap();
+        assert_eq!(args[i + 1], "false");
+    }
+
+    #[test]
+    fn options_are_explicit_even_when_empty() {
+        let o = NixOptions {
+            substituters: String::new(),
+            trusted_public_keys: "k:1".into(),
+            connect_timeout_secs: 5,
+            stalled_download_timeout_secs: 30,
+            tarball_ttl_secs: 60,
+        };
+        let args = o.args();
+        assert_eq!(&args[..3], ["--option", "substituters", ""]);
+        assert!(args.windows(3).any(|w| w == ["--option", "connect-timeout", "5"]));
+        assert!(is_leaky_env("NIXPKGS_ALLOW_UNFREE"));
+        assert!(is_leaky_env("NIX_PATH"));
+        assert!(!is_leaky_env("NIX_CONFIG"));
     }
 
     #[test]

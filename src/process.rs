@@ -47,8 +47,21 @@ pub fn run_watching(
     timeout: Duration,
     on_stderr_line: impl FnMut(&str) + Send + 'static,
 ) -> Result<Output, RunError> {
-    let mut child = Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    run_command(cmd, timeout, on_stderr_line)
+}
+
+/// Runs a prepared command (arguments and environment set by the caller) as
+/// [`run_watching`] does.
+pub fn run_command(
+    mut cmd: Command,
+    timeout: Duration,
+    on_stderr_line: impl FnMut(&str) + Send + 'static,
+) -> Result<Output, RunError> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let program = program.as_str();
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -327,8 +327,8 @@ impl Server {
     /// Starts the server and waits for its `listening on http://ADDR:PORT`
     /// log line. `env` overrides the defaults (`PORT=0`,
     /// `NIXERY_LISTEN=127.0.0.1`, filesystem storage in a temp dir, a fresh
-    /// salted package set, `RUST_LOG=info`, `NIX_CONFIG` without
-    /// substituters).
+    /// salted package set, `RUST_LOG=info`, no binary cache, `NIX_CONFIG`
+    /// without sandbox).
     pub fn start(env: &[(&str, &str)]) -> Server {
         let dir = tempfile::Builder::new()
             .prefix("nixery-server-")
@@ -348,6 +348,8 @@ impl Server {
             .env("STORAGE_PATH", &storage)
             .env("NIXERY_PKGS_PATH", pkgs.path())
             .env("RUST_LOG", "info")
+            // No binary cache: there is no internet, and tests that want one name it.
+            .env("NIXERY_NIX__SUBSTITUTERS", "")
             .env("NIX_CONFIG", nix_config);
         for (k, v) in env {
             cmd.env(k, v);
@@ -1256,5 +1258,276 @@ impl NixWrappers {
     /// Calls of one program so far.
     pub fn count(&self, program: &str) -> usize {
         self.calls().iter().filter(|(_, p, _)| p == program).count()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A signed binary cache, served over HTTP on 127.0.0.1
+
+/// A port on 127.0.0.1 that was free a moment ago: bound, read and released.
+/// Another process may take it in between, so a server started on it checks
+/// that it came up.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// `NIX_CONFIG` for Nix commands run by tests themselves.
+pub fn test_nix_config() -> String {
+    std::env::var("NIX_CONFIG").unwrap_or_else(|_| NIX_CONFIG.to_string())
+}
+
+/// `nix-build PKGS -A attr …`: builds the attributes of a package set and
+/// returns their output paths.
+pub fn nix_build(pkgs: &Path, attrs: &[&str]) -> Vec<String> {
+    let mut cmd = Command::new("nix-build");
+    cmd.arg(pkgs).arg("--no-out-link");
+    for a in attrs {
+        cmd.args(["-A", a]);
+    }
+    let out = run_ok(cmd.env("NIX_CONFIG", test_nix_config()));
+    out.stdout.lines().map(str::to_string).collect()
+}
+
+/// Every store path the given paths need at run time, themselves included.
+pub fn store_closure(paths: &[String]) -> Vec<String> {
+    let out = run_ok(
+        Command::new("nix-store")
+            .args(["--query", "--requisites"])
+            .args(paths),
+    );
+    out.stdout.lines().map(str::to_string).collect()
+}
+
+/// Deletes `paths` and every path that refers to them from the Nix store,
+/// except the host busybox source, which every package set copy shares.
+/// Only for paths of a salted package set copy: nothing else refers to them.
+pub fn delete_store_paths(paths: &[String]) {
+    let out = run_ok(
+        Command::new("nix-store")
+            .args(["--query", "--referrers-closure"])
+            .args(paths),
+    );
+    let doomed: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|p| !p.ends_with("-host-busybox"))
+        .collect();
+    if doomed.is_empty() {
+        return;
+    }
+    run_ok(Command::new("nix-store").arg("--delete").args(&doomed));
+    let left: Vec<&&str> = doomed.iter().filter(|p| Path::new(p).exists()).collect();
+    assert!(left.is_empty(), "still in the store: {left:?}");
+}
+
+/// A binary cache in a directory (`file://` layout: `nix-cache-info`,
+/// `*.narinfo`, `nar/`), with the key pair its paths are signed with.
+pub struct BinaryCache {
+    dir: TempDir,
+    secret_key: PathBuf,
+    public_key: String,
+}
+
+/// `nix-store --generate-binary-cache-key NAME`: the secret key file (in
+/// `dir`) and the public key (`NAME:base64`).
+pub fn generate_cache_key(name: &str, dir: &Path) -> (PathBuf, String) {
+    let secret = dir.join(format!("{name}.secret"));
+    let public = dir.join(format!("{name}.public"));
+    run_ok(
+        Command::new("nix-store")
+            .arg("--generate-binary-cache-key")
+            .arg(name)
+            .arg(&secret)
+            .arg(&public),
+    );
+    let public_key = fs::read_to_string(&public)
+        .expect("read public key")
+        .trim()
+        .to_string();
+    (secret, public_key)
+}
+
+impl BinaryCache {
+    /// An empty cache with a fresh key pair named `name`.
+    pub fn new(name: &str) -> BinaryCache {
+        let dir = tempfile::Builder::new()
+            .prefix("nixery-cache-")
+            .tempdir()
+            .expect("create cache dir");
+        let keys = dir.path().join("keys");
+        fs::create_dir_all(&keys).expect("create key dir");
+        let (secret_key, public_key) = generate_cache_key(name, &keys);
+        fs::create_dir_all(dir.path().join("cache")).expect("create cache dir");
+        BinaryCache {
+            dir,
+            secret_key,
+            public_key,
+        }
+    }
+
+    /// The directory served over HTTP.
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
+    /// `NAME:base64`, for `trusted-public-keys`.
+    pub fn public_key(&self) -> &str {
+        &self.public_key
+    }
+
+    /// Copies `paths` and their closures into the cache, signed.
+    pub fn add(&self, paths: &[String]) {
+        let to = format!(
+            "file://{}?secret-key={}",
+            self.path().display(),
+            self.secret_key.display()
+        );
+        run_ok(
+            Command::new("nix")
+                .args(["copy", "--extra-experimental-features", "nix-command", "--to"])
+                .arg(&to)
+                .args(paths)
+                .env("NIX_CONFIG", test_nix_config()),
+        );
+        assert!(
+            self.path().join("nix-cache-info").exists(),
+            "nix copy wrote no nix-cache-info"
+        );
+    }
+}
+
+/// A static file server (`python3 -m http.server`) on 127.0.0.1; its access log
+/// (one line per request, on stderr) is kept in a file. Killed on `Drop`.
+pub struct StaticHttp {
+    child: Option<Child>,
+    port: u16,
+    root: PathBuf,
+    log_path: PathBuf,
+    _dir: TempDir,
+}
+
+impl StaticHttp {
+    /// Serves `root` on a free port and waits until it answers.
+    pub fn start(root: &Path) -> StaticHttp {
+        let dir = tempfile::Builder::new()
+            .prefix("nixery-http-")
+            .tempdir()
+            .expect("create http temp dir");
+        let mut http = StaticHttp {
+            child: None,
+            port: 0,
+            root: root.to_path_buf(),
+            log_path: dir.path().join("access.log"),
+            _dir: dir,
+        };
+        for _ in 0..3 {
+            http.port = free_port();
+            if http.spawn() {
+                return http;
+            }
+        }
+        panic!("python3 -m http.server did not start; log:\n{}", http.log());
+    }
+
+    fn spawn(&mut self) -> bool {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("http log");
+        let child = Command::new("python3")
+            .args(["-u", "-m", "http.server", "--bind", "127.0.0.1"])
+            .arg(self.port.to_string())
+            .arg("--directory")
+            .arg(&self.root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("clone log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn python3 -m http.server");
+        self.child = Some(child);
+        let end = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < end {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    self.child = None;
+                    return false;
+                }
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        self.stop();
+        false
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server; the port then refuses connections.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        for _ in 0..10 {
+            if self.spawn() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(500));
+        }
+        panic!(
+            "http.server did not restart on port {}; log:\n{}",
+            self.port,
+            self.log()
+        );
+    }
+
+    /// Everything logged so far: one line per request, and errors.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Paths of the GET requests logged so far, in order.
+    pub fn get_paths(&self) -> Vec<String> {
+        get_paths_in(&self.log())
+    }
+}
+
+/// Paths of the `"GET /path HTTP/1.x"` lines of an access log.
+pub fn get_paths_in(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("\"GET ")? + 5..];
+            Some(rest.split_whitespace().next()?.to_string())
+        })
+        .collect()
+}
+
+impl Drop for StaticHttp {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "===== http.server log (last 30 lines) =====\n{}",
+                tail_lines(&self.log(), 30)
+            );
+        }
+        self.stop();
     }
 }

@@ -21,7 +21,8 @@ use crate::image::ImageRequest;
 use crate::layers::{self, LayerParams, LayerPlan, Popularity};
 use crate::manifest::{self, LayerEntry, ManifestFormat, RuntimeConfig};
 use crate::metrics::Metrics;
-use crate::nix::{Evaluation, SourceArgs};
+use crate::nix::Evaluation;
+use crate::source::ResolvedSource;
 use crate::reference::Digest;
 use crate::storage::{self, RecordKind, Storage, StorageError};
 use actix::prelude::*;
@@ -42,9 +43,10 @@ const FORMAT_VERSION: &str = "nixery-v1";
 #[derive(Message)]
 #[rtype(result = "Result<Arc<BuiltImage>, BuildError>")]
 pub struct GetImage {
+    /// `request_key` of the request and source.
+    pub key: String,
     pub request: ImageRequest,
-    pub source: SourceArgs,
-    pub pinned: bool,
+    pub source: ResolvedSource,
 }
 
 /// Sent by a build to the coordinator when it ends.
@@ -52,7 +54,6 @@ pub struct GetImage {
 #[rtype(result = "()")]
 struct BuildFinished {
     key: String,
-    pinned: bool,
     result: Result<Arc<BuiltImage>, BuildError>,
 }
 
@@ -100,15 +101,14 @@ pub struct RecentFailure {
     pub unix_time: u64,
 }
 
-struct TagEntry {
-    image: Arc<BuiltImage>,
-    expires: Option<Instant>,
-}
+/// Tag cache entries kept at most; past that the cache starts over. Keys change
+/// with the source version, so old entries are only ever dead weight.
+const MAX_TAG_ENTRIES: usize = 100_000;
 
 /// State shared with the HTTP handlers, read without going through the actor.
 #[derive(Default)]
 pub struct SharedState {
-    tags: RwLock<HashMap<String, TagEntry>>,
+    tags: RwLock<HashMap<String, Arc<BuiltImage>>>,
     manifests: RwLock<HashMap<Digest, Bytes>>,
     known_blobs: RwLock<std::collections::HashSet<Digest>>,
     pub stats: Metrics,
@@ -117,15 +117,12 @@ pub struct SharedState {
 }
 
 impl SharedState {
-    /// The image cached for a request key, if still fresh.
+    /// The image built for a request key. The key holds the source's version, so
+    /// an entry never goes stale.
     pub fn cached_image(&self, key: &str) -> Option<Arc<BuiltImage>> {
-        let tags = self.tags.read().expect("tag cache lock");
-        let entry = tags.get(key)?;
-        if entry.expires.is_some_and(|t| Instant::now() >= t) {
-            return None;
-        }
+        let image = self.tags.read().expect("tag cache lock").get(key)?.clone();
         self.stats.cache_hit("tag");
-        Some(entry.image.clone())
+        Some(image)
     }
 
     /// A manifest by digest, from memory.
@@ -266,31 +263,31 @@ pub struct BuildCoordinator {
     failures: HashMap<String, (Instant, BuildError)>,
     capacity: usize,
     failure_ttl: Duration,
-    eval_cache: Duration,
 }
 
 impl BuildCoordinator {
     /// `capacity` is how many distinct builds may be in flight (running or queued).
-    pub fn new(
-        context: Arc<BuildContext>,
-        capacity: usize,
-        failure_ttl: Duration,
-        eval_cache: Duration,
-    ) -> Self {
+    pub fn new(context: Arc<BuildContext>, capacity: usize, failure_ttl: Duration) -> Self {
         BuildCoordinator {
             context,
             in_flight: HashMap::new(),
             failures: HashMap::new(),
             capacity: capacity.max(1),
             failure_ttl,
-            eval_cache,
         }
     }
 }
 
 /// The key of a request: everything that selects the image's contents.
-pub fn request_key(request: &ImageRequest, source: &SourceArgs) -> String {
-    sha256_hex(&serde_json::to_vec(&(FORMAT_VERSION, request, source)).expect("keys serialise"))
+pub fn request_key(request: &ImageRequest, source: &ResolvedSource) -> String {
+    let material = (
+        FORMAT_VERSION,
+        request,
+        &source.args,
+        &source.version,
+        &source.config,
+    );
+    sha256_hex(&serde_json::to_vec(&material).expect("keys serialise"))
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -305,7 +302,7 @@ impl Handler<GetImage> for BuildCoordinator {
     type Result = ResponseFuture<Result<Arc<BuiltImage>, BuildError>>;
 
     fn handle(&mut self, msg: GetImage, ctx: &mut Self::Context) -> Self::Result {
-        let key = request_key(&msg.request, &msg.source);
+        let key = msg.key.clone();
         let stats = &self.context.shared.stats;
         if let Some((at, err)) = self.failures.get(&key) {
             if at.elapsed() < self.failure_ttl {
@@ -354,7 +351,7 @@ impl Handler<GetImage> for BuildCoordinator {
             actix::spawn(async move {
                 let started = Instant::now();
                 log::info!("build {image} [{}]: started", &key[..12]);
-                let result = build(&context, &key, &msg.request, &msg.source, msg.pinned).await;
+                let result = build(&context, &key, &msg.request, &msg.source).await;
                 match &result {
                     Ok(img) => log::info!(
                         "build {image} [{}]: done in {:.2}s, manifest {}",
@@ -364,11 +361,7 @@ impl Handler<GetImage> for BuildCoordinator {
                     ),
                     Err(e) => log::warn!("build {image} [{}]: failed: {e}", &key[..12]),
                 }
-                me.do_send(BuildFinished {
-                    key,
-                    pinned: msg.pinned,
-                    result,
-                });
+                me.do_send(BuildFinished { key, result });
             });
         }
         Box::pin(async move {
@@ -393,22 +386,11 @@ impl Handler<BuildFinished> for BuildCoordinator {
                 for m in [&image.docker, &image.oci] {
                     shared.remember_manifest(m.digest.clone(), m.bytes.clone());
                 }
-                let expires = if msg.pinned {
-                    Some(None)
-                } else if !self.eval_cache.is_zero() {
-                    Some(Some(Instant::now() + self.eval_cache))
-                } else {
-                    None
-                };
-                if let Some(expires) = expires {
-                    shared.tags.write().expect("tag cache lock").insert(
-                        msg.key.clone(),
-                        TagEntry {
-                            image: image.clone(),
-                            expires,
-                        },
-                    );
+                let mut tags = shared.tags.write().expect("tag cache lock");
+                if tags.len() >= MAX_TAG_ENTRIES {
+                    tags.clear();
                 }
+                tags.insert(msg.key.clone(), image.clone());
             }
             Err(e) => {
                 shared.stats.builds_failed.inc();
@@ -480,10 +462,11 @@ async fn build(
     c: &Arc<BuildContext>,
     key: &str,
     request: &ImageRequest,
-    source: &SourceArgs,
-    pinned: bool,
+    source: &ResolvedSource,
 ) -> Result<Arc<BuiltImage>, BuildError> {
     let shared = &c.shared;
+    let pinned = source.pinned;
+    let label = format!("{} [{}]", request.display_name(), &key[..12]);
     if pinned {
         if let Some(image) = load_image(c, RecordKind::Pinned, key).await? {
             shared.stats.cache_hit("pinned");
@@ -495,7 +478,8 @@ async fn build(
     let evaluation = c
         .workers
         .send(Evaluate {
-            source: source.clone(),
+            label: label.clone(),
+            source: source.args.clone(),
             system: request.arch.nix_system(),
             packages: request.packages.clone(),
             optional: request.optional_packages(),
@@ -509,7 +493,7 @@ async fn build(
         return Err(BuildError::NotPackages(evaluation.not_packages));
     }
 
-    let image_key = image_key(c, request, &evaluation);
+    let image_key = image_key(c, request, &evaluation, &source.config);
     let remembered = c
         .images
         .lock()
@@ -592,6 +576,7 @@ async fn assemble(
     let closure = c
         .workers
         .send(Realise {
+            label: format!("{} [{}]", request.display_name(), &key[..12]),
             evaluation: evaluation.clone(),
             progress: {
                 let shared = c.shared.clone();
@@ -725,9 +710,15 @@ async fn assemble(
 
 /// The key of an assembled image: its top-level store paths and every setting that
 /// changes its bytes.
-fn image_key(c: &BuildContext, request: &ImageRequest, evaluation: &Evaluation) -> String {
+fn image_key(
+    c: &BuildContext,
+    request: &ImageRequest,
+    evaluation: &Evaluation,
+    nixpkgs_config: &str,
+) -> String {
     let material = serde_json::json!({
         "version": FORMAT_VERSION,
+        "nixpkgs_config": nixpkgs_config,
         "arch": request.arch,
         "paths": evaluation.output_paths(),
         "budget": c.params.budget,

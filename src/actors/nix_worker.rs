@@ -6,7 +6,7 @@
 use crate::archive::{self, LayerSummary, SymlinkLayerInfo};
 use crate::error::BuildError;
 use crate::layers::StorePathInfo;
-use crate::nix::{self, Evaluation, SourceArgs};
+use crate::nix::{self, Evaluation, NixpkgsConfig, SourceArgs};
 use crate::process::{self, RunError};
 use crate::reference::Digest;
 use crate::storage::stream::BlobSender;
@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 #[derive(Message)]
 #[rtype(result = "Result<Evaluation, BuildError>")]
 pub struct Evaluate {
+    /// The image and build key, for the server log.
+    pub label: String,
     pub source: SourceArgs,
     pub system: &'static str,
     pub packages: Vec<String>,
@@ -28,6 +30,8 @@ pub struct Evaluate {
 #[derive(Message)]
 #[rtype(result = "Result<Vec<StorePathInfo>, BuildError>")]
 pub struct Realise {
+    /// The image and build key, for the server log.
+    pub label: String,
     pub evaluation: Evaluation,
     /// Told "building N of M derivations" as Nix goes.
     pub progress: Box<dyn Fn(String) + Send>,
@@ -60,12 +64,23 @@ pub struct PackedLayer {
     pub symlinks: Option<SymlinkLayerInfo>,
 }
 
+#[derive(Clone)]
 pub struct NixWorker {
     pub expr_file: String,
     pub bin_dir: Option<PathBuf>,
     pub eval_timeout: Duration,
     pub build_timeout: Duration,
     pub gzip_level: u32,
+    /// `--option`s given to every Nix call.
+    pub options: Vec<String>,
+    pub config: NixpkgsConfig,
+    /// An empty directory used as HOME of every Nix call.
+    pub home: PathBuf,
+    /// Nix's fetch cache (channel tarballs, git clones), kept where the server's
+    /// own account keeps it so a restart does not fetch nixpkgs again.
+    pub cache_home: Option<PathBuf>,
+    /// Server paths and the names clients see instead.
+    pub path_labels: Vec<(String, String)>,
 }
 
 impl Actor for NixWorker {
@@ -80,24 +95,67 @@ impl NixWorker {
         }
     }
 
-    fn nix_store(&self, args: &[String], timeout: Duration) -> Result<Vec<u8>, BuildError> {
-        process::run(&self.program("nix-store"), args, timeout)
-            .map(|o| o.stdout)
-            .map_err(|e| run_error(e, "Nix build", BuildError::BuildFailed))
-    }
-}
-
-fn run_error(e: RunError, what: &'static str, failed: fn(String) -> BuildError) -> BuildError {
-    match e {
-        RunError::Spawn { program, source } => {
-            BuildError::Internal(format!("cannot run {program}: {source}"))
+    /// A Nix command with the registry's options and an environment that cannot
+    /// change what the package set evaluates to.
+    fn command(&self, program: &str, args: &[String]) -> std::process::Command {
+        let mut cmd = std::process::Command::new(self.program(program));
+        cmd.args(&self.options).args(args);
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_none_or(nix::is_leaky_env) {
+                cmd.env_remove(&name);
+            }
         }
-        RunError::Failed { stderr, .. } => failed(nix::error_tail(&stderr, 4000)),
-        RunError::TimedOut { secs, stderr, .. } => BuildError::Timeout {
-            what,
-            secs,
-            tail: nix::error_tail(&stderr, 2000),
-        },
+        cmd.env("HOME", &self.home);
+        if let Some(cache) = &self.cache_home {
+            cmd.env("XDG_CACHE_HOME", cache);
+        }
+        cmd
+    }
+
+    fn nix_store(&self, args: &[String], label: &str) -> Result<Vec<u8>, BuildError> {
+        process::run_command(self.command("nix-store", args), self.build_timeout, |_| {})
+            .map(|o| o.stdout)
+            .map_err(|e| self.run_error(e, label, "Nix build", BuildError::BuildFailed))
+    }
+
+    /// The client gets the cause in a few lines; the log gets all of Nix's output,
+    /// once per failed run.
+    fn run_error(
+        &self,
+        e: RunError,
+        label: &str,
+        what: &'static str,
+        failed: fn(String) -> BuildError,
+    ) -> BuildError {
+        match e {
+            RunError::Spawn { program, source } => {
+                BuildError::Internal(format!("cannot run {program}: {source}"))
+            }
+            RunError::Failed {
+                stderr, program, ..
+            } => {
+                log::warn!(
+                    "build {label}: {program} failed; its output:\n{}",
+                    String::from_utf8_lossy(&stderr).trim_end()
+                );
+                failed(nix::error_tail(&stderr, 4000))
+            }
+            RunError::TimedOut {
+                secs,
+                stderr,
+                program,
+            } => {
+                log::warn!(
+                    "build {label}: {program} ran past {secs} s; its output:\n{}",
+                    String::from_utf8_lossy(&stderr).trim_end()
+                );
+                BuildError::Timeout {
+                    what,
+                    secs,
+                    tail: nix::error_tail(&stderr, 2000),
+                }
+            }
+        }
     }
 }
 
@@ -108,12 +166,15 @@ impl Handler<Evaluate> for NixWorker {
         let args = nix::eval_args(
             &self.expr_file,
             &msg.source,
+            &self.config,
             msg.system,
             &msg.packages,
             &msg.optional,
         );
-        let out = process::run(&self.program("nix-instantiate"), &args, self.eval_timeout)
-            .map_err(|e| run_error(e, "Nix evaluation", BuildError::EvalFailed))?;
+        let cmd = self.command("nix-instantiate", &args);
+        let out = process::run_command(cmd, self.eval_timeout, |_| {}).map_err(|e| {
+            self.run_error(e, &msg.label, "Nix evaluation", BuildError::EvalFailed)
+        })?;
         nix::parse_evaluation(&out.stdout).map_err(BuildError::Internal)
     }
 }
@@ -129,9 +190,11 @@ impl Handler<Realise> for NixWorker {
         let timeout = self.build_timeout;
         let mut progress = nix::RealiseProgress::default();
         let report = msg.progress;
-        process::run_watching(
-            &self.program("nix-store"),
-            &nix::realise_args(&msg.evaluation, timeout.as_secs()),
+        process::run_command(
+            self.command(
+                "nix-store",
+                &nix::realise_args(&msg.evaluation, timeout.as_secs()),
+            ),
             timeout,
             move |line| {
                 if progress.observe(line) {
@@ -142,14 +205,14 @@ impl Handler<Realise> for NixWorker {
                 }
             },
         )
-        .map_err(|e| run_error(e, "Nix build", BuildError::BuildFailed))?;
+        .map_err(|e| self.run_error(e, &msg.label, "Nix build", BuildError::BuildFailed))?;
         let mut query = vec!["--query".to_string(), "--requisites".to_string()];
         query.extend(outputs);
-        let closure = String::from_utf8(self.nix_store(&query, timeout)?)
+        let closure = String::from_utf8(self.nix_store(&query, &msg.label)?)
             .map_err(|e| BuildError::Internal(format!("nix-store output: {e}")))?;
         let mut dump = vec!["--dump-db".to_string()];
         dump.extend(closure.lines().filter(|l| !l.is_empty()).map(String::from));
-        let registration = String::from_utf8(self.nix_store(&dump, timeout)?)
+        let registration = String::from_utf8(self.nix_store(&dump, &msg.label)?)
             .map_err(|e| BuildError::Internal(format!("nix-store output: {e}")))?;
         nix::parse_registration(&registration).map_err(BuildError::Internal)
     }

@@ -6,20 +6,28 @@
 # request is spliced into Nix code. Realising the derivations and reading the closure
 # graph is left to `nix-store`, so this file needs nothing from the package set but
 # the packages themselves.
-{ srcType, srcArgs, system, packages, optional ? "[]" }:
+{ srcType, srcArgs, system, packages, optional ? "[]", allowUnfree ? "false", nixpkgsConfig ? "" }:
 
 let
   inherit (builtins)
-    attrNames filter fromJSON hasAttr head isAttrs map match replaceStrings split tail;
+    attrNames filter fromJSON hasAttr head isAttrs isFunction map match replaceStrings split tail;
 
   source =
     if srcType == "path" then srcArgs
-    else if srcType == "nixpkgs" then
-      builtins.fetchTarball "https://github.com/NixOS/nixpkgs/archive/${srcArgs}.tar.gz"
+    else if srcType == "tarball" then builtins.fetchTarball srcArgs
     else if srcType == "git" then builtins.fetchGit (fromJSON srcArgs)
     else throw "nixery: unknown package source type '${srcType}'";
 
-  pkgs = import source { inherit system; };
+  # The nixpkgs config is the registry's alone: passing config and overlays keeps
+  # nixpkgs from reading them from the server's HOME, NIXPKGS_CONFIG or NIX_PATH.
+  # The file may hold a function of { pkgs, lib, ... } as nixpkgs allows.
+  fileConfig = if nixpkgsConfig == "" then { } else import nixpkgsConfig;
+  forced = { allowUnfree = allowUnfree == "true"; };
+  config =
+    if isFunction fileConfig then args: fileConfig args // forced
+    else fileConfig // forced;
+
+  pkgs = import source { inherit system config; overlays = [ ]; };
 
   upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
   lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
