@@ -2,3 +2,260 @@
 //! seen within their bounds, channels from a mirror, and a fresh machine.
 
 mod common;
+
+use common::{
+    fresh_pkgs_copy, http_get, registry_error, run_ok, sha256_digest, NixWrappers, PkgsCopy,
+    Server, StaticHttp,
+};
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const ACCEPT: (&str, &str) = (
+    "Accept",
+    "application/vnd.docker.distribution.manifest.v2+json",
+);
+
+/// The digest of the manifest served for NAME:TAG; panics unless it is a 200.
+fn digest(server: &Server, name: &str, tag: &str) -> String {
+    let url = server.url(&format!("/v2/{name}/manifests/{tag}"));
+    let (status, _, body) = http_get(&url, &[ACCEPT]);
+    assert_eq!(
+        status,
+        200,
+        "{url}: {}\n{}",
+        String::from_utf8_lossy(&body),
+        common::tail_lines(&server.log(), 30)
+    );
+    sha256_digest(&body)
+}
+
+/// Replaces `hello`'s greeting in a package set's default.nix.
+fn edit_greeting(dir: &Path, greeting: &str) {
+    let file = dir.join("default.nix");
+    let text = fs::read_to_string(&file).unwrap();
+    let start = text.find("scripts.hello = ''echo '").expect("hello's script") + 24;
+    let end = start + text[start..].find('\'').unwrap();
+    let edited = format!("{}{greeting}{}", &text[..start], &text[end..]);
+    assert_ne!(text, edited);
+    fs::write(&file, edited).unwrap();
+}
+
+fn evaluations(nix: &NixWrappers) -> usize {
+    nix.count("nix-instantiate")
+}
+
+#[test]
+fn warm_pulls_by_tag_run_no_nix_and_an_edit_is_seen_within_the_watch_interval() {
+    let nix = NixWrappers::new();
+    let bin = nix.bin_dir();
+    let server = Server::start(&[
+        ("NIXERY_NIX__BIN_DIR", bin.as_str()),
+        ("NIXERY_SOURCE__WATCH_INTERVAL_SECS", "1"),
+    ]);
+    let first = digest(&server, "hello", "latest");
+    let calls = nix.calls().len();
+    assert!(evaluations(&nix) >= 1, "{:?}", nix.calls());
+
+    // Warm pulls, also after the watcher has looked at the unchanged set again.
+    for round in 0..3 {
+        for _ in 0..20 {
+            assert_eq!(digest(&server, "hello", "latest"), first);
+        }
+        assert_eq!(
+            nix.calls().len(),
+            calls,
+            "round {round}: warm pulls ran Nix: {:?}",
+            &nix.calls()[calls..]
+        );
+        thread::sleep(Duration::from_millis(1200));
+    }
+
+    edit_greeting(server.pkgs_path(), "Hello, edited world!");
+    let edited = Instant::now();
+    let (changed, waited) = loop {
+        let d = digest(&server, "hello", "latest");
+        if d != first {
+            break (d, edited.elapsed());
+        }
+        assert!(
+            edited.elapsed() < Duration::from_secs(20),
+            "the edit was not seen within 20 s (watch interval 1 s)"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("edit seen after {waited:?} (watch interval 1 s)");
+    assert!(
+        server.log().contains("package set changed"),
+        "{}",
+        server.log()
+    );
+    let after = nix.calls().len();
+    assert_eq!(digest(&server, "hello", "latest"), changed);
+    assert_eq!(nix.calls().len(), after, "the edited image is warm too");
+    assert_eq!(evaluations(&nix), 2, "{:?}", nix.calls());
+}
+
+/// A git repository holding a salted package set, on branch `main`.
+struct Repo {
+    pkgs: PkgsCopy,
+}
+
+impl Repo {
+    fn new() -> Repo {
+        let pkgs = fresh_pkgs_copy();
+        let repo = Repo { pkgs };
+        repo.git(&["init", "-q", "-b", "main"]);
+        repo.commit("package set");
+        repo
+    }
+
+    fn git(&self, args: &[&str]) -> String {
+        let out = run_ok(
+            Command::new("git")
+                .arg("-C")
+                .arg(self.pkgs.path())
+                .args(["-c", "user.name=test", "-c", "user.email=test@localhost"])
+                .args(args),
+        );
+        out.stdout.trim().to_string()
+    }
+
+    fn commit(&self, message: &str) -> String {
+        self.git(&["add", "-A"]);
+        self.git(&["commit", "-q", "-m", message]);
+        self.git(&["rev-parse", "HEAD"])
+    }
+
+    fn url(&self) -> String {
+        format!("file://{}", self.pkgs.path().display())
+    }
+}
+
+#[test]
+fn a_branch_moves_after_the_ref_ttl_and_commits_stay_put() {
+    if !common::require_tool("git") {
+        return;
+    }
+    let repo = Repo::new();
+    let old = repo.git(&["rev-parse", "HEAD"]);
+    let nix = NixWrappers::new();
+    let (bin, url) = (nix.bin_dir(), repo.url());
+    let server = Server::start(&[
+        ("NIXERY_PKGS_PATH", ""),
+        ("NIXERY_PKGS_REPO", url.as_str()),
+        ("NIXERY_NIX__BIN_DIR", bin.as_str()),
+        ("NIXERY_SOURCE__REF_TTL_SECS", "3"),
+    ]);
+    let main = digest(&server, "hello", "main");
+    // latest (the remote HEAD), the branch and its commit are one image, built once.
+    assert_eq!(digest(&server, "hello", "latest"), main);
+    assert_eq!(digest(&server, "hello", &old), main);
+    assert_eq!(evaluations(&nix), 1, "{:?}", nix.calls());
+
+    edit_greeting(repo.pkgs.path(), "Hello from the new commit!");
+    let new = repo.commit("new greeting");
+    let moved = Instant::now();
+    // Within the TTL the branch is trusted to stay where it was: no Nix, no git.
+    assert_eq!(digest(&server, "hello", "main"), main);
+    assert_eq!(evaluations(&nix), 1);
+    thread::sleep(Duration::from_secs(3).saturating_sub(moved.elapsed()) + Duration::from_millis(200));
+    let after = digest(&server, "hello", "main");
+    assert_ne!(after, main, "the branch moved to {new}, the image did not");
+    assert_eq!(digest(&server, "hello", &new), after);
+    assert_eq!(digest(&server, "hello", &old), main, "a commit is pinned");
+    assert!(
+        server.log().contains(&format!("moved to {new}")),
+        "{}",
+        server.log()
+    );
+
+    let url = server.url("/v2/hello/manifests/no-such-branch");
+    let (status, h, body) = http_get(&url, &[ACCEPT]);
+    let (code, message) = registry_error(404, status, &h, &body);
+    assert_eq!(code, "MANIFEST_UNKNOWN");
+    assert!(message.contains("no-such-branch"), "{message}");
+    assert!(!message.contains(&repo.url()), "no server paths: {message}");
+}
+
+/// A package set packed as a channel tarball (one top-level directory, as GitHub
+/// serves them) in `dir`, named `NAME.tar.gz`.
+fn channel_tarball(dir: &Path, name: &str) -> PkgsCopy {
+    let pkgs = fresh_pkgs_copy();
+    run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(pkgs.path().parent().unwrap())
+            .arg("-czf")
+            .arg(dir.join(format!("{name}.tar.gz")))
+            .arg(pkgs.path().file_name().unwrap()),
+    );
+    pkgs
+}
+
+#[test]
+fn a_channel_comes_from_a_mirror_over_http_or_from_a_file() {
+    let mirror = tempfile::tempdir().unwrap();
+    let _pkgs = channel_tarball(mirror.path(), "nixos-test");
+    let http = StaticHttp::start(mirror.path());
+    let template = format!("{}/{{channel}}.tar.gz", http.url());
+    let server = Server::start(&[
+        ("NIXERY_PKGS_PATH", ""),
+        ("NIXERY_CHANNEL", "nixos-test"),
+        ("NIXERY_SOURCE__CHANNEL_URL", template.as_str()),
+    ]);
+    let over_http = digest(&server, "hello", "latest");
+    assert!(
+        http.get_paths().iter().any(|p| p == "/nixos-test.tar.gz"),
+        "the mirror was not asked: {}",
+        http.log()
+    );
+    let out = pull_and_run(&server, "hello", &["/bin/hello"]);
+    assert!(out.stdout.contains("Hello, world!"), "{out}");
+
+    let template = format!("file://{}/{{channel}}.tar.gz", mirror.path().display());
+    let from_file = Server::start(&[
+        ("NIXERY_PKGS_PATH", ""),
+        ("NIXERY_CHANNEL", "nixos-test"),
+        ("NIXERY_SOURCE__CHANNEL_URL", template.as_str()),
+    ]);
+    assert_eq!(digest(&from_file, "hello", "latest"), over_http);
+
+    // A channel the mirror does not have is a clear answer naming it.
+    let missing = Server::start(&[
+        ("NIXERY_PKGS_PATH", ""),
+        ("NIXERY_CHANNEL", "nixos-missing"),
+        ("NIXERY_SOURCE__CHANNEL_URL", template.as_str()),
+    ]);
+    let (status, h, body) = http_get(&missing.url("/v2/hello/manifests/latest"), &[ACCEPT]);
+    let (_, message) = registry_error(400, status, &h, &body);
+    assert!(message.contains("nixos-missing.tar.gz"), "{message}");
+}
+
+/// skopeo copy, umoci unpack, and ARGV run in a chroot of the image.
+fn pull_and_run(server: &Server, name: &str, argv: &[&str]) -> common::CmdOutput {
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    run_ok(common::cimage_command("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/{name}:latest", server.addr()),
+        &format!("oci:{}:latest", layout.display()),
+    ]));
+    let bundle = work.path().join("bundle");
+    run_ok(Command::new("umoci").args([
+        "unpack",
+        "--image",
+        &format!("{}:latest", layout.display()),
+        &bundle.display().to_string(),
+    ]));
+    run_ok(
+        Command::new(common::which("chroot").expect("chroot"))
+            .arg(bundle.join("rootfs"))
+            .args(argv)
+            .env_clear()
+            .env("PATH", "/bin"),
+    )
+}
