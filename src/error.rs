@@ -19,9 +19,12 @@ pub enum BuildError {
     NotFound(Vec<String>),
     #[error("Not packages (attributes that are not derivations): {}", .0.join(", "))]
     NotPackages(Vec<String>),
-    #[error("Nix could not evaluate the packages:\n{0}")]
+    /// nixpkgs refused a package by its meta; one line naming the setting.
+    #[error("{0}")]
+    Refused(String),
+    #[error("Nix could not evaluate the packages: {0}")]
     EvalFailed(String),
-    #[error("Nix build failed:\n{0}")]
+    #[error("Nix build failed: {0}")]
     BuildFailed(String),
     #[error("{what} exceeded its time limit of {secs} s{}", tail_suffix(.tail))]
     Timeout {
@@ -167,6 +170,7 @@ impl From<BuildError> for RegistryError {
                 (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
             }
             BuildError::EvalFailed(_)
+            | BuildError::Refused(_)
             | BuildError::BuildFailed(_)
             | BuildError::Timeout { .. }
             | BuildError::TooLarge { .. } => (StatusCode::BAD_REQUEST, "MANIFEST_INVALID"),
@@ -233,7 +237,7 @@ mod tests {
         );
         let (s, b, _) = body(BuildError::BuildFailed("error: \"quoted\"".into()).into());
         assert_eq!(s, 400);
-        assert!(b.contains(r#"Nix build failed:\nerror: \"quoted\""#), "{b}");
+        assert!(b.contains(r#"Nix build failed: error: \"quoted\""#), "{b}");
         let (s, _, retry) = body(
             BuildError::Overloaded {
                 retry_after_secs: 5,

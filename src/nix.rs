@@ -10,7 +10,6 @@ use serde::Deserialize;
 pub mod errors;
 pub mod progress;
 
-pub use errors::error_tail;
 pub use progress::RealiseProgress;
 
 /// The expression that resolves an image's packages; written next to the storage at

@@ -577,6 +577,7 @@ async fn assemble(
         .workers
         .send(Realise {
             label: format!("{} [{}]", request.display_name(), &key[..12]),
+            system: request.arch.nix_system(),
             evaluation: evaluation.clone(),
             progress: {
                 let shared = c.shared.clone();

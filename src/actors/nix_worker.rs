@@ -32,6 +32,7 @@ pub struct Evaluate {
 pub struct Realise {
     /// The image and build key, for the server log.
     pub label: String,
+    pub system: &'static str,
     pub evaluation: Evaluation,
     /// Told "building N of M derivations" as Nix goes.
     pub progress: Box<dyn Fn(String) + Send>,
@@ -115,7 +116,18 @@ impl NixWorker {
     fn nix_store(&self, args: &[String], label: &str) -> Result<Vec<u8>, BuildError> {
         process::run_command(self.command("nix-store", args), self.build_timeout, |_| {})
             .map(|o| o.stdout)
-            .map_err(|e| self.run_error(e, label, "Nix build", BuildError::BuildFailed))
+            .map_err(|e| self.run_error(e, label, "", "Nix build", BuildError::BuildFailed))
+    }
+
+    /// What the client is told of Nix's output.
+    fn summary(&self, stderr: &[u8], system: &str) -> nix::errors::Failure {
+        nix::errors::summarise(
+            stderr,
+            &nix::errors::ErrorContext {
+                path_labels: &self.path_labels,
+                system,
+            },
+        )
     }
 
     /// The client gets the cause in a few lines; the log gets all of Nix's output,
@@ -124,9 +136,11 @@ impl NixWorker {
         &self,
         e: RunError,
         label: &str,
+        system: &str,
         what: &'static str,
         failed: fn(String) -> BuildError,
     ) -> BuildError {
+        use nix::errors::Failure;
         match e {
             RunError::Spawn { program, source } => {
                 BuildError::Internal(format!("cannot run {program}: {source}"))
@@ -136,9 +150,12 @@ impl NixWorker {
             } => {
                 log::warn!(
                     "build {label}: {program} failed; its output:\n{}",
-                    String::from_utf8_lossy(&stderr).trim_end()
+                    nix::errors::sanitise(&stderr).trim_end()
                 );
-                failed(nix::error_tail(&stderr, 4000))
+                match self.summary(&stderr, system) {
+                    Failure::Refused(line) => BuildError::Refused(line),
+                    Failure::Failed(text) => failed(text),
+                }
             }
             RunError::TimedOut {
                 secs,
@@ -147,13 +164,18 @@ impl NixWorker {
             } => {
                 log::warn!(
                     "build {label}: {program} ran past {secs} s; its output:\n{}",
-                    String::from_utf8_lossy(&stderr).trim_end()
+                    nix::errors::sanitise(&stderr).trim_end()
                 );
-                BuildError::Timeout {
-                    what,
-                    secs,
-                    tail: nix::error_tail(&stderr, 2000),
-                }
+                let tail = match self.summary(&stderr, system) {
+                    Failure::Refused(text) | Failure::Failed(text) => text,
+                };
+                // A run stopped early has nothing to say but that.
+                let tail = if tail.starts_with("Nix printed no error") {
+                    String::new()
+                } else {
+                    tail
+                };
+                BuildError::Timeout { what, secs, tail }
             }
         }
     }
@@ -173,7 +195,13 @@ impl Handler<Evaluate> for NixWorker {
         );
         let cmd = self.command("nix-instantiate", &args);
         let out = process::run_command(cmd, self.eval_timeout, |_| {}).map_err(|e| {
-            self.run_error(e, &msg.label, "Nix evaluation", BuildError::EvalFailed)
+            self.run_error(
+                e,
+                &msg.label,
+                msg.system,
+                "Nix evaluation",
+                BuildError::EvalFailed,
+            )
         })?;
         nix::parse_evaluation(&out.stdout).map_err(BuildError::Internal)
     }
@@ -198,14 +226,21 @@ impl Handler<Realise> for NixWorker {
             timeout,
             move |line| {
                 if progress.observe(line) {
-                    report(format!(
-                        "building {} of {} derivations",
-                        progress.started, progress.total
-                    ));
+                    if let Some(phase) = progress.describe() {
+                        report(phase);
+                    }
                 }
             },
         )
-        .map_err(|e| self.run_error(e, &msg.label, "Nix build", BuildError::BuildFailed))?;
+        .map_err(|e| {
+            self.run_error(
+                e,
+                &msg.label,
+                msg.system,
+                "Nix build",
+                BuildError::BuildFailed,
+            )
+        })?;
         let mut query = vec!["--query".to_string(), "--requisites".to_string()];
         query.extend(outputs);
         let closure = String::from_utf8(self.nix_store(&query, &msg.label)?)
