@@ -107,7 +107,10 @@ fn without_busybox_the_bundled_set_says_so_and_scripts_serve_installs_it() {
         );
         thread::sleep(Duration::from_millis(500));
     }
-    assert!(host_busybox_present(), "scripts/serve did not install busybox");
+    assert!(
+        host_busybox_present(),
+        "scripts/serve did not install busybox"
+    );
     let addr = format!("127.0.0.1:{port}");
 
     let layout = work.path().join("cowsay");
@@ -137,14 +140,12 @@ fn without_busybox_the_bundled_set_says_so_and_scripts_serve_installs_it() {
         let dockerd = Dockerd::start();
         let image = format!("{addr}/hello");
         run_ok(dockerd.docker().args(["pull", &image]));
-        let out = run_ok(dockerd.docker().args([
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            &image,
-            "hello",
-        ]));
+        let out =
+            run_ok(
+                dockerd
+                    .docker()
+                    .args(["run", "--rm", "--network", "none", &image, "hello"]),
+            );
         assert!(out.stdout.contains("Hello, world!"), "{out}");
     }
     terminate(&mut serve, Duration::from_secs(10));

@@ -36,7 +36,10 @@ fn digest(server: &Server, name: &str, tag: &str) -> String {
 fn edit_greeting(dir: &Path, greeting: &str) {
     let file = dir.join("default.nix");
     let text = fs::read_to_string(&file).unwrap();
-    let start = text.find("scripts.hello = ''echo '").expect("hello's script") + 24;
+    let start = text
+        .find("scripts.hello = ''echo '")
+        .expect("hello's script")
+        + 24;
     let end = start + text[start..].find('\'').unwrap();
     let edited = format!("{}{greeting}{}", &text[..start], &text[end..]);
     assert_ne!(text, edited);
@@ -161,7 +164,9 @@ fn a_branch_moves_after_the_ref_ttl_and_commits_stay_put() {
     // Within the TTL the branch is trusted to stay where it was: no Nix, no git.
     assert_eq!(digest(&server, "hello", "main"), main);
     assert_eq!(evaluations(&nix), 1);
-    thread::sleep(Duration::from_secs(3).saturating_sub(moved.elapsed()) + Duration::from_millis(200));
+    thread::sleep(
+        Duration::from_secs(3).saturating_sub(moved.elapsed()) + Duration::from_millis(200),
+    );
     let after = digest(&server, "hello", "main");
     assert_ne!(after, main, "the branch moved to {new}, the image did not");
     assert_eq!(digest(&server, "hello", &new), after);

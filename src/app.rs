@@ -6,13 +6,12 @@ use crate::actors::coordinator::{BuildContext, BuildCoordinator, SharedState};
 use crate::actors::nix_worker::NixWorker;
 use crate::actors::signer::SignerActor;
 use crate::actors::upload::UploadActor;
-use crate::config::Settings;
+use crate::config::{PackageSource, Settings};
 use crate::http::{self, AppState};
 use crate::layers::{LayerParams, Popularity};
 use crate::nix::{self, NixOptions};
-use crate::source::Sources;
-use crate::config::PackageSource;
 use crate::signing::ServiceAccountKey;
+use crate::source::Sources;
 use crate::storage::{filesystem::FsStorage, gcs::GcsStorage, Storage};
 use actix::prelude::*;
 use actix_web::{middleware, web, App, HttpServer};
@@ -63,7 +62,10 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         .unwrap_or_default();
     let mut path_labels = vec![(expr_dir, "<nixery>".to_string())];
     if let PackageSource::Path(p) = &source {
-        path_labels.insert(0, (p.trim_end_matches('/').to_string(), "<package set>".into()));
+        path_labels.insert(
+            0,
+            (p.trim_end_matches('/').to_string(), "<package set>".into()),
+        );
     }
     if !settings.source.nixpkgs_config.is_empty() {
         path_labels.push((

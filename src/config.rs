@@ -210,7 +210,10 @@ impl Settings {
         }
         let c = &self.source.nixpkgs_config;
         if !c.is_empty() && !std::path::Path::new(c).is_absolute() {
-            return err("source.nixpkgs_config", &format!("{c:?} must be an absolute path"));
+            return err(
+                "source.nixpkgs_config",
+                &format!("{c:?} must be an absolute path"),
+            );
         }
         if !self.source.channel.is_empty() && self.source.channel_url.is_empty() {
             return err("source.channel_url", "required for a channel source");

@@ -246,7 +246,9 @@ mod tests {
         };
         let args = o.args();
         assert_eq!(&args[..3], ["--option", "substituters", ""]);
-        assert!(args.windows(3).any(|w| w == ["--option", "connect-timeout", "5"]));
+        assert!(args
+            .windows(3)
+            .any(|w| w == ["--option", "connect-timeout", "5"]));
         assert!(is_leaky_env("NIXPKGS_ALLOW_UNFREE"));
         assert!(is_leaky_env("NIX_PATH"));
         assert!(!is_leaky_env("NIX_CONFIG"));

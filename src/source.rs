@@ -307,7 +307,10 @@ async fn ls_remote(git: &str, url: &str, tag: &str) -> Result<Option<String>, St
             err.lines().last().unwrap_or("").trim()
         ));
     }
-    Ok(parse_ls_remote(&String::from_utf8_lossy(&out.stdout), &wanted))
+    Ok(parse_ls_remote(
+        &String::from_utf8_lossy(&out.stdout),
+        &wanted,
+    ))
 }
 
 /// Digest of a file's contents; empty when there is none.
@@ -331,7 +334,10 @@ pub fn fingerprint(root: &Path) -> String {
             h.write(b"unreadable");
             return;
         };
-        let mut names: Vec<_> = entries.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+        let mut names: Vec<_> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
         names.sort();
         for name in names {
             if name == ".git" {
@@ -402,7 +408,10 @@ mod tests {
         assert_eq!(parse_ls_remote(&tag_only, &wanted), Some("c".repeat(40)));
         assert_eq!(parse_ls_remote("", &wanted), None);
         assert_eq!(
-            parse_ls_remote(&format!("{}\tHEAD\n", "d".repeat(40)), &remote_refs("latest")),
+            parse_ls_remote(
+                &format!("{}\tHEAD\n", "d".repeat(40)),
+                &remote_refs("latest")
+            ),
             Some("d".repeat(40))
         );
     }
@@ -417,7 +426,9 @@ mod tests {
         assert_eq!(pinned.args.src_type, "tarball");
         let branch = channel(t, "nixos-24.11", Duration::from_secs(60));
         assert!(!branch.pinned);
-        assert!(branch.version.starts_with("file:///srv/nixos-24.11.tar.gz@"));
+        assert!(branch
+            .version
+            .starts_with("file:///srv/nixos-24.11.tar.gz@"));
     }
 
     #[test]
