@@ -1387,7 +1387,12 @@ impl BinaryCache {
         );
         run_ok(
             Command::new("nix")
-                .args(["copy", "--extra-experimental-features", "nix-command", "--to"])
+                .args([
+                    "copy",
+                    "--extra-experimental-features",
+                    "nix-command",
+                    "--to",
+                ])
                 .arg(&to)
                 .args(paths)
                 .env("NIX_CONFIG", test_nix_config()),

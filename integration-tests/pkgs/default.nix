@@ -8,6 +8,14 @@
 # so the runtime closure of each package contains the `busybox` derivation
 # (a dependency that all images share).
 #
+# Where a registry must not depend on its host, this set behaves as nixpkgs
+# does, leaks included, so that tests can show the registry closes them:
+# `config` and `overlays` default to what the caller's HOME, NIXPKGS_CONFIG
+# and NIX_PATH say, and packages whose `meta` makes them unfree, insecure,
+# broken or meant for another platform throw nixpkgs' refusal (with its
+# advice) when their drvPath or outPath is forced, unless the config or a
+# NIXPKGS_ALLOW_* variable allows them.
+#
 # Arguments:
 #   system     passed to every derivation, so `system = "aarch64-linux"`
 #              fails cleanly at build time on an x86_64 host.
@@ -20,15 +28,33 @@
 #              absolute path) or from env NIXERY_TEST_BIG_SOURCE. When none is
 #              set, `bigpkg` is a tiny package.
 #   slowSeconds how long `slow` sleeps while building (default 30).
+#   config     nixpkgs' config: allowUnfree, allowUnfreePredicate,
+#              permittedInsecurePackages, allowBroken, allowUnsupportedSystem.
+#              When not given: the file named by env NIXPKGS_CONFIG, else
+#              $HOME/.config/nixpkgs/config.nix, else { }. A function is
+#              called with { pkgs }.
+#   overlays   a list of `final: prev: { … }`. When not given: the overlays
+#              of <nixpkgs-overlays> (NIX_PATH), else
+#              $HOME/.config/nixpkgs/overlays.nix, else every *.nix in
+#              $HOME/.config/nixpkgs/overlays/.
+#
+# A file `cache-only` next to this file makes every builder of the set fail
+# at once, so whatever is pulled then must come from a binary cache. The
+# file is looked for at build time, so it changes no derivation.
 { system ? builtins.currentSystem
 , salt ? ""
 , bigSource ? null
 , slowSeconds ? 30
+, config ? null
+, overlays ? null
 , ...
-}:
+}@args:
 
 let
-  fileSalt = if builtins.pathExists ./salt then builtins.readFile ./salt else "";
+  inherit (builtins) attrNames concatStringsSep elem filter getEnv isFunction isList
+    match pathExists readDir;
+
+  fileSalt = if pathExists ./salt then builtins.readFile ./salt else "";
   theSalt = salt + fileSalt;
 
   trim = s: builtins.head (builtins.match "[[:space:]]*([^[:space:]]*)[[:space:]]*" s);
@@ -39,10 +65,192 @@ let
     else if envBig != "" then envBig
     else null;
 
+  # --- nixpkgs' impure defaults (lib/impure.nix), taken only when the caller
+  # --- passes no `config` / `overlays`.
+  homeDir = getEnv "HOME";
+  configEnv = getEnv "NIXPKGS_CONFIG";
+  homeConfig = homeDir + "/.config/nixpkgs/config.nix";
+  impureConfig =
+    if configEnv != "" && pathExists configEnv then import configEnv
+    else if homeDir != "" && pathExists homeConfig then import homeConfig
+    else { };
+
+  isDir = p: pathExists (p + "/.");
+  overlaysAt = p:
+    if isDir p then
+      map (n: import (p + "/" + n))
+        (filter (n: match ".*\\.nix" n != null && match "\\.#.*" n == null)
+          (attrNames (readDir p)))
+    else import p;
+  nixPathOverlays =
+    let r = builtins.tryEval (toString <nixpkgs-overlays>);
+    in if r.success then r.value else "";
+  homeOverlaysFile = homeDir + "/.config/nixpkgs/overlays.nix";
+  homeOverlaysDir = homeDir + "/.config/nixpkgs/overlays";
+  impureOverlays =
+    if nixPathOverlays != "" && pathExists nixPathOverlays then overlaysAt nixPathOverlays
+    else if homeDir != "" && pathExists homeOverlaysFile then overlaysAt homeOverlaysFile
+    else if homeDir != "" && pathExists homeOverlaysDir then overlaysAt homeOverlaysDir
+    else [ ];
+
+  config0 = if args ? config then config else impureConfig;
+  cfg = if isFunction config0 then config0 { pkgs = final; } else config0;
+  theOverlays = if args ? overlays then overlays else impureOverlays;
+
+  # --- nixpkgs' meta checks (pkgs/stdenv/generic/check-meta.nix), in small.
+  envAllows = var: getEnv var == "1";
+  allowUnfree = (cfg.allowUnfree or false) || envAllows "NIXPKGS_ALLOW_UNFREE";
+  allowInsecure = envAllows "NIXPKGS_ALLOW_INSECURE";
+  allowBroken = (cfg.allowBroken or false) || envAllows "NIXPKGS_ALLOW_BROKEN";
+  allowUnsupported = (cfg.allowUnsupportedSystem or false)
+    || envAllows "NIXPKGS_ALLOW_UNSUPPORTED_SYSTEM";
+  permittedInsecure = cfg.permittedInsecurePackages or [ ];
+
+  hostPlatformConfig = {
+    x86_64-linux = "x86_64-unknown-linux-gnu";
+    aarch64-linux = "aarch64-unknown-linux-gnu";
+    i686-linux = "i686-unknown-linux-gnu";
+    x86_64-darwin = "x86_64-apple-darwin";
+    aarch64-darwin = "aarch64-apple-darwin";
+  }.${system} or system;
+
+  toList = x: if isList x then x else [ x ];
+  licenses = meta: toList (meta.license or [ ]);
+  isUnfree = meta: builtins.any (l: !(l.free or true)) (licenses meta);
+  showLicense = meta:
+    concatStringsSep ", " (map (l: l.shortName or l.fullName or "unknown") (licenses meta));
+  showList = l: "[ " + concatStringsSep " " (map (p: "\"${p}\"") l) + " ]";
+
+  flakeNote = ''
+
+     Note: When using `nix shell`, `nix build`, `nix develop`, etc with a flake,
+           then pass `--impure` in order to allow use of environment variables.
+  '';
+
+  allowAdvice = { attr, envVar, phrase, amendment ? "" }: ''
+    a) To temporarily allow ${phrase}, you can use an environment variable
+       for a single invocation of the nix tools.
+
+         $ export ${envVar}=1
+    ${flakeNote}
+    b) For `nixos-rebuild` you can set
+      { nixpkgs.config.allow${attr} = true; }
+    in configuration.nix to override this.
+    ${amendment}
+    c) For `nix-env`, `nix-build`, `nix-shell` or any other Nix command you can add
+      { allow${attr} = true; }
+    to ~/.config/nixpkgs/config.nix.
+  '';
+
+  insecureAdvice = name: meta: ''
+
+    Known issues:
+  '' + concatStringsSep "" (map (i: " - ${i}\n") meta.knownVulnerabilities) + ''
+
+    You can install it anyway by allowing this package, using the
+    following methods:
+
+    a) To temporarily allow all insecure packages, you can use an environment
+       variable for a single invocation of the nix tools:
+
+         $ export NIXPKGS_ALLOW_INSECURE=1
+    ${flakeNote}
+    b) for `nixos-rebuild` you can add ‘${name}’ to
+       `nixpkgs.config.permittedInsecurePackages` in the configuration.nix,
+       like so:
+
+         {
+           nixpkgs.config.permittedInsecurePackages = [
+             "${name}"
+           ];
+         }
+
+    c) For `nix-env`, `nix-build`, `nix-shell` or any other Nix command you can add
+    ‘${name}’ to `permittedInsecurePackages` in
+    ~/.config/nixpkgs/config.nix, like so:
+
+         {
+           permittedInsecurePackages = [
+             "${name}"
+           ];
+         }
+  '';
+
+  # The first problem of a package, as { errormsg, advice }, or null.
+  metaProblem = name: meta:
+    if isUnfree meta && !allowUnfree
+      && !((cfg.allowUnfreePredicate or (_: false)) { inherit name meta; }) then {
+      errormsg = "has an unfree license (‘${showLicense meta}’)";
+      advice = allowAdvice {
+        attr = "Unfree";
+        envVar = "NIXPKGS_ALLOW_UNFREE";
+        phrase = "unfree packages";
+        amendment = ''
+
+          Alternatively you can configure a predicate to allow specific packages:
+            { nixpkgs.config.allowUnfreePredicate = pkg: builtins.elem (lib.getName pkg) [
+                "${(builtins.parseDrvName name).name}"
+              ];
+            }
+        '';
+      };
+    }
+    else if (meta.knownVulnerabilities or [ ]) != [ ] && !allowInsecure
+      && !(elem name permittedInsecure) then {
+      errormsg = "is marked as insecure";
+      advice = insecureAdvice name meta;
+    }
+    else if (meta.broken or false) && !allowBroken then {
+      errormsg = "is marked as broken";
+      advice = allowAdvice {
+        attr = "Broken";
+        envVar = "NIXPKGS_ALLOW_BROKEN";
+        phrase = "broken packages";
+      };
+    }
+    else if meta ? platforms && !(elem system meta.platforms) && !allowUnsupported then {
+      errormsg = ''
+        is not available on the requested hostPlatform:
+          hostPlatform.config = "${hostPlatformConfig}"
+          package.meta.platforms = ${showList meta.platforms}
+      '';
+      advice = allowAdvice {
+        attr = "UnsupportedSystem";
+        envVar = "NIXPKGS_ALLOW_UNSUPPORTED_SYSTEM";
+        phrase = "packages that are unsupported for this system";
+      };
+    }
+    else null;
+
+  # true, or nixpkgs' refusal thrown.
+  metaValid = name: pos: meta:
+    let
+      problem = metaProblem name meta;
+      where = if pos == null then "«unknown-file»" else "${pos.file}:${toString pos.line}";
+    in
+    if problem == null then true
+    else throw (''
+      Package ‘${name}’ in ${where} ${problem.errormsg}, refusing to evaluate.
+
+    '' + problem.advice);
+
+  # The cache-only switch: a string, so the directory is not copied into the
+  # store, read by every builder when it starts.
+  cacheOnlyFlag = toString ./. + "/cache-only";
+  cacheOnlyCheck = ''
+    if [ -e "$cacheOnlyFlag" ]; then
+      echo "error: $name can only come from a binary cache here (cache-only)" >&2
+      exit 1
+    fi
+  '';
+
   # The host's busybox as a store directory holding the single file
   # `busybox`. On merged-/usr systems /bin is a symlink, and builtins.path on
   # a symlink copies the link itself, so prefer /usr/bin.
-  hostBinDir = if builtins.pathExists /usr/bin/busybox then /usr/bin else /bin;
+  hostBinDir =
+    if pathExists /usr/bin/busybox then /usr/bin
+    else if pathExists /bin/busybox then /bin
+    else throw "the bundled test package set needs a static busybox on the host: install Debian's busybox-static";
   hostBusybox = builtins.path {
     path = hostBinDir;
     name = "host-busybox";
@@ -57,7 +265,7 @@ let
     args = [
       "sh"
       "-c"
-      ''
+      (cacheOnlyCheck + ''
         set -e
         bb=${hostBusybox}/busybox
         $bb mkdir -p $out/bin
@@ -66,34 +274,47 @@ let
         $out/bin/busybox --install -s $out/bin
         $bb rm -f $out/bin/sh
         $bb ln -s busybox $out/bin/sh
-      ''
+      '')
     ];
     salt = theSalt;
+    inherit cacheOnlyFlag;
   };
 
   bbsh = "${busybox}/bin/sh";
 
   # mkDerivation-lite: `script` runs under busybox sh with PATH set to the
   # busybox applets; `set -e` is on. Extra attributes become environment
-  # variables (as with `derivation`), except `passthru` and `meta`.
+  # variables (as with `derivation`), except `passthru`, `meta` and `pos`.
+  # As in nixpkgs, a package that `meta` refuses throws when its drvPath or
+  # outPath (of any output) is forced; `pos` (default: where `name` is
+  # written) is where the refusal says the package is.
   mkPkg = { name, script, outputs ? [ "out" ], passthru ? { }, meta ? { }, ... }@args:
     let
-      drvArgs = removeAttrs args [ "script" "passthru" "meta" ];
+      drvArgs = removeAttrs args [ "script" "passthru" "meta" "pos" ];
       drv = derivation (drvArgs // {
-        inherit name system outputs;
+        inherit name system outputs cacheOnlyFlag;
         builder = bbsh;
-        args = [ "-c" ("set -e\n" + script) ];
+        args = [ "-c" (cacheOnlyCheck + "set -e\n" + script) ];
         PATH = "${busybox}/bin";
         salt = theSalt;
       });
+      valid = metaValid name (args.pos or (builtins.unsafeGetAttrPos "name" args)) meta;
+      checked = output: output // {
+        drvPath = assert valid; output.drvPath;
+        outPath = assert valid; output.outPath;
+      };
+      outputsList = map (o: { name = o; value = checked drv.${o} // extra; }) outputs;
+      extra = passthru // { inherit meta; } // builtins.listToAttrs outputsList
+        // { all = map (o: o.value) outputsList; };
     in
-    drv // passthru // { inherit meta; };
+    checked drv // extra;
 
   # A package whose bin/ holds the given scripts: { name = "body"; }.
   # Each body gets a `#!${busybox}/bin/sh` shebang.
   scriptsPkg = { name, scripts, extraScript ? "", ... }@args:
     mkPkg ((removeAttrs args [ "scripts" "extraScript" ]) // {
       inherit name;
+      pos = args.pos or (builtins.unsafeGetAttrPos "name" args);
       script = ''
         mkdir -p $out/bin
       '' + builtins.concatStringsSep "" (map
@@ -321,6 +542,57 @@ let
             chmod -R u+w $out/share/bigpkg
           '';
         };
+
+    # Packages nixpkgs would refuse, each for one reason of its meta.
+    unfreeapp = scriptsPkg {
+      name = "unfreeapp-1.0";
+      scripts.unfreeapp = ''echo 'unfreeapp runs' '';
+      meta.license = { shortName = "unfree"; fullName = "Unfree"; free = false; };
+    };
+
+    oldssl = scriptsPkg {
+      name = "oldssl-1.0";
+      scripts.oldssl = ''echo 'oldssl 1.0 (insecure)' '';
+      meta.knownVulnerabilities = [ "CVE-2099-0001: test vulnerability" ];
+    };
+
+    markedbroken = scriptsPkg {
+      name = "markedbroken-1.0";
+      scripts.markedbroken = ''echo 'markedbroken runs' '';
+      meta.broken = true;
+    };
+
+    armonly = scriptsPkg {
+      name = "armonly-1.0";
+      scripts.armonly = ''echo 'armonly runs' '';
+      meta.platforms = [ "aarch64-linux" ];
+    };
+
+    # Its source comes from a URL nothing listens on (port 9, discard), so it
+    # evaluates and then fails to realise with Nix's download error.
+    unreachable = mkPkg {
+      name = "unreachable-1.0";
+      src = unreachableSrc;
+      script = ''
+        mkdir -p $out/share
+        cp $src $out/share/unreachable-1.0.tar.gz
+      '';
+    };
   };
+
+  unreachableSrc = derivation {
+    name = "unreachable-1.0.tar.gz";
+    builder = "builtin:fetchurl";
+    system = "builtin";
+    url = "http://127.0.0.1:9/unreachable-1.0.tar.gz";
+    outputHashMode = "flat";
+    outputHashAlgo = "sha256";
+    outputHash = "0000000000000000000000000000000000000000000000000000";
+    preferLocalBuild = true;
+    salt = theSalt;
+  };
+
+  # Overlays over the set, each seeing the result so far as `final` and `prev`.
+  final = builtins.foldl' (acc: overlay: acc // overlay acc acc) set theOverlays;
 in
-set
+final
