@@ -10,15 +10,14 @@ mod common;
 // conformance vectors makes the redirects signed URLs; the emulator ignores
 // signatures, so clients can follow them.
 
-use std::path::Path;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    cimage_command, fresh_pkgs_copy, http_get, http_head, http_request, random_hex,
-    require_fake_gcs, require_root, require_tool, run_ok, run_with_timeout, sha256_digest, which,
-    Containerd, FakeGcs, Server,
+    fresh_pkgs_copy, http_get, http_head, http_request, pull_and_run, random_hex, require_fake_gcs,
+    require_root, require_tool, run_with_timeout, sha256_digest, skopeo_copy, Containerd, FakeGcs,
+    Server,
 };
 
 const BUCKET: &str = "layers";
@@ -173,15 +172,6 @@ fn assert_no_work(what: &str, w: &Work) {
     );
 }
 
-fn skopeo_copy(server: &Server, name: &str, layout: &Path) {
-    run_ok(cimage_command("skopeo").args([
-        "copy",
-        "--src-tls-verify=false",
-        &format!("docker://{}/{name}:latest", server.addr()),
-        &format!("oci:{}:latest", layout.display()),
-    ]));
-}
-
 /// Whether this machine can pull an image from the emulator and run it.
 fn can_pull_and_run() -> bool {
     let mut ok = require_fake_gcs() & require_root();
@@ -189,27 +179,6 @@ fn can_pull_and_run() -> bool {
         ok &= require_tool(t);
     }
     ok
-}
-
-/// Pulls `name` with skopeo, unpacks it with umoci and runs `argv` in it (chroot).
-fn pull_and_run(server: &Server, name: &str, argv: &[&str]) -> common::CmdOutput {
-    let work_dir = tempfile::tempdir().unwrap();
-    let layout = work_dir.path().join("layout");
-    let bundle = work_dir.path().join("bundle");
-    skopeo_copy(server, name, &layout);
-    run_ok(Command::new("umoci").args([
-        "unpack",
-        "--image",
-        &format!("{}:latest", layout.display()),
-        &bundle.display().to_string(),
-    ]));
-    run_ok(
-        Command::new(which("chroot").unwrap())
-            .arg(bundle.join("rootfs"))
-            .args(argv)
-            .env_clear()
-            .env("PATH", "/bin"),
-    )
 }
 
 // ---------------------------------------------------------------------------
@@ -221,7 +190,7 @@ fn skopeo_pulls_shell_cowsay_through_signed_redirects_and_it_runs() {
     }
     let gcs = FakeGcs::start(&[BUCKET]);
     let server = start_server(&gcs, &[]);
-    let out = pull_and_run(&server, "shell/cowsay", &["/bin/cowsay", "moo"]);
+    let out = pull_and_run(server.addr(), "shell/cowsay", &["/bin/cowsay", "moo"]);
     assert!(out.stdout.contains("< moo >"), "no speech bubble:\n{out}");
     assert!(out.stdout.contains("(oo)"), "no cow:\n{out}");
 
@@ -349,7 +318,7 @@ fn second_process_and_restart_reuse_the_bucket_without_building_or_uploading() {
 
     if require_tool("skopeo") {
         let dir = tempfile::tempdir().unwrap();
-        skopeo_copy(&restarted, "hello", &dir.path().join("layout"));
+        skopeo_copy(restarted.addr(), "hello", &dir.path().join("layout"));
         let w3 = work(&restarted);
         assert_no_work("the restarted server (after a pull)", &w3);
     }
@@ -466,7 +435,7 @@ fn slow_builds_and_pulls_after_the_outage(
     }
     if require_tool("skopeo") {
         let dir = tempfile::tempdir().unwrap();
-        skopeo_copy(server, "slow", &dir.path().join("layout"));
+        skopeo_copy(server.addr(), "slow", &dir.path().join("layout"));
     }
     let (again, _) = manifest(server, "slow");
     assert_eq!(again, digest);
@@ -528,7 +497,7 @@ fn layers_remembered_before_the_bucket_was_emptied_are_not_reused() {
     }
     if require_tool("skopeo") {
         let dir = tempfile::tempdir().unwrap();
-        skopeo_copy(&server, "slow", &dir.path().join("layout"));
+        skopeo_copy(server.addr(), "slow", &dir.path().join("layout"));
     }
 }
 
@@ -549,7 +518,7 @@ fn an_image_built_before_the_bucket_was_emptied_still_pulls() {
     }
     if require_tool("skopeo") {
         let dir = tempfile::tempdir().unwrap();
-        skopeo_copy(&server, "hello", &dir.path().join("layout"));
+        skopeo_copy(server.addr(), "hello", &dir.path().join("layout"));
     }
 }
 
@@ -699,6 +668,6 @@ fn a_large_layer_streams_into_the_bucket_while_it_is_packed_and_runs() {
     assert_eq!(bucket_objects(&gcs, "staging/"), Vec::<String>::new());
 
     // A client pulls it and the data checks out inside the image.
-    let out = pull_and_run(&server, "noise", &["/bin/noise-check"]);
+    let out = pull_and_run(server.addr(), "noise", &["/bin/noise-check"]);
     assert!(out.stdout.contains("data: OK"), "{out}");
 }

@@ -16,7 +16,7 @@ mod common;
 
 use std::fs;
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 use common::{
     cimage_command, delete_store_paths, error_of, fresh_pkgs_copy, generate_cache_key,
     get_paths_in, http_get, nix_build, registry_error, require_root, require_tool, run, run_fail,
-    run_ok, store_closure, test_nix_config, which, BinaryCache, Dockerd, Headers, Server,
-    StaticHttp,
+    store_closure, test_nix_config, BinaryCache, Dockerd, Headers, Server, StaticHttp,
 };
 
 /// Both manifest types, as registry clients ask.
@@ -80,42 +79,10 @@ fn write_file(dir: &Path, name: &str, text: &str) -> String {
     path.display().to_string()
 }
 
-/// `skopeo copy docker://ADDR/NAME:latest oci:…`, then `umoci unpack`; the rootfs.
-fn skopeo_unpack(server: &Server, name: &str, work: &Path) -> PathBuf {
-    let layout = work.join("layout");
-    let bundle = work.join("bundle");
-    run_ok(cimage_command("skopeo").args([
-        "copy",
-        "--src-tls-verify=false",
-        &format!("docker://{}/{name}:latest", server.addr()),
-        &format!("oci:{}:latest", layout.display()),
-    ]));
-    run_ok(Command::new("umoci").args([
-        "unpack",
-        "--image",
-        &format!("{}:latest", layout.display()),
-        &bundle.display().to_string(),
-    ]));
-    bundle.join("rootfs")
-}
-
-/// Runs `/bin/PROGRAM` of an unpacked image in a chroot; its trimmed stdout.
-fn run_in_chroot(rootfs: &Path, program: &str) -> String {
-    let out = run_ok(
-        Command::new(which("chroot").expect("chroot on PATH"))
-            .arg(rootfs)
-            .arg(format!("/bin/{program}"))
-            .env_clear()
-            .env("PATH", "/bin"),
-    );
-    out.stdout.trim().to_string()
-}
-
 /// Pulls `name` with skopeo + umoci and runs `/bin/PROGRAM` in a chroot.
 fn pull_and_run(server: &Server, name: &str, program: &str) -> String {
-    let work = tempfile::tempdir().expect("temp dir");
-    let rootfs = skopeo_unpack(server, name, work.path());
-    run_in_chroot(&rootfs, program)
+    let out = common::pull_and_run(server.addr(), name, &[&format!("/bin/{program}")]);
+    out.stdout.trim().to_string()
 }
 
 /// A package set copy whose images can only come from `cache`: the closures of
@@ -492,19 +459,7 @@ fn docker_podman_and_skopeo_print_the_refusal() {
     let server = Server::start(&[("NIXERY_NIX__FAILURE_CACHE_SECS", "600")]);
     let dockerd = Dockerd::start();
     let work = tempfile::tempdir().expect("temp dir");
-    let podman = || {
-        let mut cmd = cimage_command("podman");
-        cmd.arg("--storage-driver")
-            .arg("vfs")
-            .arg("--root")
-            .arg(work.path().join("root"))
-            .arg("--runroot")
-            .arg(work.path().join("run"))
-            .arg("--tmpdir")
-            .arg(work.path().join("tmp"))
-            .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"]);
-        cmd
-    };
+    let podman = || common::podman_command(work.path());
     let mut missing = Vec::new();
     for case in REFUSED {
         let message = refusal(&server, case.name);

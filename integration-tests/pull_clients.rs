@@ -9,12 +9,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use common::{
-    cimage_command, http_get, http_head, random_hex, require_root, require_tool, run_fail, run_ok,
-    sha256_digest, which, Containerd, Dockerd, Server,
+    chroot, cimage_command, http_get, http_head, random_hex, require_root, require_tool, run_fail,
+    run_ok, sha256_digest, skopeo_unpack, Containerd, Dockerd, Server,
 };
 
 const DOCKER_V2S2: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -29,32 +26,6 @@ fn require_all(tools: &[&str]) -> bool {
     ok
 }
 
-/// `skopeo copy docker://ADDR/NAME:latest oci:DIR:latest`, then `umoci
-/// unpack`; returns the rootfs path.
-fn skopeo_unpack(server: &Server, name: &str, work: &Path) -> std::path::PathBuf {
-    let layout = work.join("layout");
-    let bundle = work.join("bundle");
-    run_ok(cimage_command("skopeo").args([
-        "copy",
-        "--src-tls-verify=false",
-        &format!("docker://{}/{name}:latest", server.addr()),
-        &format!("oci:{}:latest", layout.display()),
-    ]));
-    run_ok(Command::new("umoci").args([
-        "unpack",
-        "--image",
-        &format!("{}:latest", layout.display()),
-        &bundle.display().to_string(),
-    ]));
-    bundle.join("rootfs")
-}
-
-fn chroot(rootfs: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(which("chroot").expect("chroot on PATH"));
-    cmd.arg(rootfs).args(args).env_clear().env("PATH", "/bin");
-    cmd
-}
-
 #[test]
 fn skopeo_pull_shell_cowsay_and_run_in_chroot() {
     if !require_all(&["skopeo", "umoci", "chroot"]) {
@@ -62,7 +33,7 @@ fn skopeo_pull_shell_cowsay_and_run_in_chroot() {
     }
     let server = Server::start(&[]);
     let work = tempfile::tempdir().unwrap();
-    let rootfs = skopeo_unpack(&server, "shell/cowsay", work.path());
+    let rootfs = skopeo_unpack(server.addr(), "shell/cowsay", work.path());
 
     let out = run_ok(&mut chroot(&rootfs, &["/bin/cowsay", "moo"]));
     assert!(out.stdout.contains("< moo >"), "no speech bubble:\n{out}");
@@ -197,19 +168,7 @@ fn podman_pull_inspect_and_run_hello() {
     let server = Server::start(&[]);
     let work = tempfile::tempdir().unwrap();
     let image = format!("{}/hello:latest", server.addr());
-    let podman = || {
-        let mut cmd = cimage_command("podman");
-        cmd.arg("--storage-driver")
-            .arg("vfs")
-            .arg("--root")
-            .arg(work.path().join("root"))
-            .arg("--runroot")
-            .arg(work.path().join("run"))
-            .arg("--tmpdir")
-            .arg(work.path().join("tmp"))
-            .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"]);
-        cmd
-    };
+    let podman = || common::podman_command(work.path());
 
     run_ok(podman().args(["pull", "--tls-verify=false", &image]));
     let out = run_ok(podman().args(["image", "inspect", &image]));

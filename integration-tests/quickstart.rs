@@ -113,27 +113,7 @@ fn without_busybox_the_bundled_set_says_so_and_scripts_serve_installs_it() {
     );
     let addr = format!("127.0.0.1:{port}");
 
-    let layout = work.path().join("cowsay");
-    run_ok(common::cimage_command("skopeo").args([
-        "copy",
-        "--src-tls-verify=false",
-        &format!("docker://{addr}/shell/cowsay:latest"),
-        &format!("oci:{}:latest", layout.display()),
-    ]));
-    let bundle = work.path().join("bundle");
-    run_ok(Command::new("umoci").args([
-        "unpack",
-        "--image",
-        &format!("{}:latest", layout.display()),
-        &bundle.display().to_string(),
-    ]));
-    let out = run_ok(
-        Command::new(common::which("chroot").expect("chroot"))
-            .arg(bundle.join("rootfs"))
-            .args(["/bin/cowsay", "moo"])
-            .env_clear()
-            .env("PATH", "/bin"),
-    );
+    let out = common::pull_and_run(&addr, "shell/cowsay", &["/bin/cowsay", "moo"]);
     assert!(out.stdout.contains("< moo >"), "{out}");
 
     if common::require_tool("dockerd") {

@@ -217,7 +217,7 @@ fn a_channel_comes_from_a_mirror_over_http_or_from_a_file() {
         "the mirror was not asked: {}",
         http.log()
     );
-    let out = pull_and_run(&server, "hello", &["/bin/hello"]);
+    let out = common::pull_and_run(server.addr(), "hello", &["/bin/hello"]);
     assert!(out.stdout.contains("Hello, world!"), "{out}");
 
     let template = format!("file://{}/{{channel}}.tar.gz", mirror.path().display());
@@ -237,30 +237,4 @@ fn a_channel_comes_from_a_mirror_over_http_or_from_a_file() {
     let (status, h, body) = http_get(&missing.url("/v2/hello/manifests/latest"), &[ACCEPT]);
     let (_, message) = registry_error(400, status, &h, &body);
     assert!(message.contains("nixos-missing.tar.gz"), "{message}");
-}
-
-/// skopeo copy, umoci unpack, and ARGV run in a chroot of the image.
-fn pull_and_run(server: &Server, name: &str, argv: &[&str]) -> common::CmdOutput {
-    let work = tempfile::tempdir().unwrap();
-    let layout = work.path().join("layout");
-    run_ok(common::cimage_command("skopeo").args([
-        "copy",
-        "--src-tls-verify=false",
-        &format!("docker://{}/{name}:latest", server.addr()),
-        &format!("oci:{}:latest", layout.display()),
-    ]));
-    let bundle = work.path().join("bundle");
-    run_ok(Command::new("umoci").args([
-        "unpack",
-        "--image",
-        &format!("{}:latest", layout.display()),
-        &bundle.display().to_string(),
-    ]));
-    run_ok(
-        Command::new(common::which("chroot").expect("chroot"))
-            .arg(bundle.join("rootfs"))
-            .args(argv)
-            .env_clear()
-            .env("PATH", "/bin"),
-    )
 }

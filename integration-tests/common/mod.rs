@@ -295,6 +295,62 @@ pub fn run_fail(cmd: &mut Command) -> CmdOutput {
     out
 }
 
+/// `podman` with private storage, run and temp directories under STATE, and the
+/// settings that work without systemd: vfs storage, cgroupfs, events in a file.
+pub fn podman_command(state: &Path) -> Command {
+    let mut cmd = cimage_command("podman");
+    cmd.arg("--storage-driver")
+        .arg("vfs")
+        .arg("--root")
+        .arg(state.join("root"))
+        .arg("--runroot")
+        .arg(state.join("run"))
+        .arg("--tmpdir")
+        .arg(state.join("tmp"))
+        .args(["--cgroup-manager", "cgroupfs", "--events-backend", "file"]);
+    cmd
+}
+
+/// `skopeo copy docker://ADDR/NAME:latest oci:LAYOUT:latest`.
+pub fn skopeo_copy(addr: &str, name: &str, layout: &Path) {
+    run_ok(cimage_command("skopeo").args([
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{addr}/{name}:latest"),
+        &format!("oci:{}:latest", layout.display()),
+    ]));
+}
+
+/// [`skopeo_copy`] into WORK/layout, then `umoci unpack` into WORK/bundle; returns
+/// the image's root file system.
+pub fn skopeo_unpack(addr: &str, name: &str, work: &Path) -> PathBuf {
+    let layout = work.join("layout");
+    let bundle = work.join("bundle");
+    skopeo_copy(addr, name, &layout);
+    run_ok(Command::new("umoci").args([
+        "unpack",
+        "--image",
+        &format!("{}:latest", layout.display()),
+        &bundle.display().to_string(),
+    ]));
+    bundle.join("rootfs")
+}
+
+/// `ARGV` run in a chroot of an unpacked image, with nothing but `PATH=/bin`.
+pub fn chroot(rootfs: &Path, argv: &[&str]) -> Command {
+    let mut cmd = Command::new(which("chroot").expect("chroot on PATH"));
+    cmd.arg(rootfs).args(argv).env_clear().env("PATH", "/bin");
+    cmd
+}
+
+/// Pulls NAME:latest with skopeo, unpacks it with umoci and runs ARGV in it; fails
+/// unless every step succeeds.
+pub fn pull_and_run(addr: &str, name: &str, argv: &[&str]) -> CmdOutput {
+    let work = tempfile::tempdir().expect("temp dir");
+    let rootfs = skopeo_unpack(addr, name, work.path());
+    run_ok(&mut chroot(&rootfs, argv))
+}
+
 /// A `Command` for a containers/image client (skopeo, podman). c/image
 /// reads `$DOCKER_CONFIG/config.json` and fails if it is missing, so the
 /// variable is removed.
