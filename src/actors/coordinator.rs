@@ -988,3 +988,32 @@ async fn put_bytes(
     c.shared.remember_blob(digest);
     Ok(put.bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nix::SourceArgs;
+
+    fn source(version: &str, config: &str) -> ResolvedSource {
+        ResolvedSource {
+            args: SourceArgs {
+                src_type: "path",
+                src_args: "/pkgs".into(),
+            },
+            version: version.into(),
+            pinned: false,
+            config: config.into(),
+        }
+    }
+
+    #[test]
+    fn request_keys_follow_the_source_version_and_the_nixpkgs_config() {
+        let hello = ImageRequest::from_name("hello", 64).unwrap();
+        let key = request_key(&hello, &source("v1", "unfree=false"));
+        assert_eq!(key, request_key(&hello, &source("v1", "unfree=false")));
+        assert_ne!(key, request_key(&hello, &source("v2", "unfree=false")));
+        assert_ne!(key, request_key(&hello, &source("v1", "unfree=true")));
+        let other = ImageRequest::from_name("cowsay", 64).unwrap();
+        assert_ne!(key, request_key(&other, &source("v1", "unfree=false")));
+    }
+}
