@@ -56,6 +56,7 @@ pub struct SourceSettings {
     pub repo: String,
     pub path: String,
     pub ref_ttl_secs: u64,
+    pub watch_events: bool,
     pub watch_interval_secs: u64,
     pub allow_unfree: bool,
     pub nixpkgs_config: String,

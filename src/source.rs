@@ -43,8 +43,10 @@ pub struct Sources {
     channel_url: String,
     ref_ttl: Duration,
     config: NixpkgsConfig,
-    /// Path fingerprint and config file digest, refreshed by the watcher.
+    /// Path version and config file digest, refreshed by the watchers.
     watched: Arc<RwLock<Watched>>,
+    /// Kept alive for the events it delivers.
+    _events: Mutex<Option<notify::RecommendedWatcher>>,
     refs: Mutex<HashMap<String, (String, Instant)>>,
     resolving: tokio::sync::Mutex<()>,
     git: String,
@@ -52,13 +54,57 @@ pub struct Sources {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Watched {
+    /// A count of change events, or the fingerprint when polling.
     path: String,
     config: String,
 }
 
+/// Counts changes under `root` as the kernel reports them (inotify), so an idle
+/// package set costs nothing and an edit is seen at once. Reads (Nix evaluating the
+/// set) and `.git` are not changes.
+fn watch_events(
+    root: &Path,
+    watched: &Arc<RwLock<Watched>>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let shared = Arc::downgrade(watched);
+    let mut changes = 0u64;
+    let started = Instant::now();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let counts = match &event {
+            Ok(e) => {
+                !matches!(e.kind, EventKind::Access(_))
+                    && !e
+                        .paths
+                        .iter()
+                        .all(|p| p.components().any(|c| c.as_os_str() == ".git"))
+            }
+            // A lost event (queue overflow) may have been anything.
+            Err(_) => true,
+        };
+        if !counts {
+            return;
+        }
+        if let Some(shared) = shared.upgrade() {
+            changes += 1;
+            shared.write().expect("source watch lock").path = format!("changes:{changes}");
+            if changes == 1 || changes % 1000 == 0 {
+                log::info!("package set changed; the next pulls evaluate it again");
+            }
+        }
+    })?;
+    watcher.watch(root, RecursiveMode::Recursive)?;
+    log::info!(
+        "watching the package set {} for changes ({} ms to set up)",
+        root.display(),
+        started.elapsed().as_millis()
+    );
+    Ok(watcher)
+}
+
 impl Sources {
-    /// Reads the source once (so the first pull needs no wait) and starts the
-    /// watcher thread where something can change under a running server.
+    /// Reads the source once (so the first pull needs no wait) and starts watching
+    /// what can change under a running server.
     pub fn start(settings: &Settings) -> Result<Arc<Sources>, String> {
         let source = settings.package_source().map_err(|e| e.to_string())?;
         let config = NixpkgsConfig {
@@ -71,39 +117,65 @@ impl Sources {
                 config.file
             ));
         }
-        let path = match &source {
-            PackageSource::Path(p) => Some(PathBuf::from(p)),
-            _ => None,
-        };
-        if let Some(p) = &path {
+        let watched = Arc::new(RwLock::new(Watched {
+            path: String::new(),
+            config: file_digest(&config.file),
+        }));
+        let interval = Duration::from_secs(settings.source.watch_interval_secs);
+        let mut events = None;
+        let mut poll = None;
+        if let PackageSource::Path(p) = &source {
+            let p = PathBuf::from(p);
             if !p.exists() {
                 return Err(format!(
                     "source.path (NIXERY_PKGS_PATH) {}: no such file or directory",
                     p.display()
                 ));
             }
+            if settings.source.watch_events {
+                match watch_events(&p, &watched) {
+                    Ok(w) => events = Some(w),
+                    Err(e) => log::warn!(
+                        "cannot watch the package set {} for changes ({e}); checking it every \
+                         {} s instead (raise fs.inotify.max_user_watches to watch it)",
+                        p.display(),
+                        interval.as_secs()
+                    ),
+                }
+            }
+            if events.is_none() {
+                let started = Instant::now();
+                watched.write().expect("source watch lock").path = fingerprint(&p);
+                // The watcher repeats this walk every interval: its cost is worth knowing.
+                log::info!(
+                    "fingerprinted the package set {} in {} ms; checking it every {} s",
+                    p.display(),
+                    started.elapsed().as_millis(),
+                    interval.as_secs()
+                );
+                poll = Some(p);
+            }
         }
-        let watch = move |path: &Option<PathBuf>, file: &str| Watched {
-            path: path.as_deref().map(fingerprint).unwrap_or_default(),
-            config: file_digest(file),
-        };
-        let watched = Arc::new(RwLock::new(watch(&path, &config.file)));
-        if path.is_some() || !config.file.is_empty() {
+        if poll.is_some() || !config.file.is_empty() {
             let shared = Arc::downgrade(&watched);
-            let interval = Duration::from_secs(settings.source.watch_interval_secs);
             let file = config.file.clone();
             std::thread::Builder::new()
                 .name("source-watcher".into())
                 .spawn(move || loop {
                     std::thread::sleep(interval);
-                    let now = watch(&path, &file);
+                    let path = poll.as_deref().map(fingerprint);
+                    let config = file_digest(&file);
                     let Some(shared) = shared.upgrade() else {
                         return;
                     };
                     let mut current = shared.write().expect("source watch lock");
-                    if *current != now {
+                    if path.as_ref().is_some_and(|p| *p != current.path) {
                         log::info!("package set changed; the next pulls evaluate it again");
-                        *current = now;
+                        current.path = path.unwrap_or_default();
+                    }
+                    if config != current.config {
+                        log::info!("source.nixpkgs_config changed; the next pulls evaluate again");
+                        current.config = config;
                     }
                 })
                 .map_err(|e| format!("starting the source watcher: {e}"))?;
@@ -114,6 +186,7 @@ impl Sources {
             ref_ttl: Duration::from_secs(settings.source.ref_ttl_secs),
             config,
             watched,
+            _events: Mutex::new(events),
             refs: Mutex::default(),
             resolving: tokio::sync::Mutex::new(()),
             git: "git".into(),

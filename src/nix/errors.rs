@@ -44,8 +44,15 @@ pub fn summarise(stderr: &[u8], ctx: &ErrorContext) -> Failure {
     let mut reader = Reader::default();
     text.lines().for_each(|line| reader.read(line));
     let mut out = String::new();
-    for line in reader.finish().into_iter().take(MAX_LINES) {
-        let line = truncate(&hide_paths(&line, ctx.path_labels), MAX_LINE_BYTES);
+    let mut seen = std::collections::HashSet::new();
+    // Nix repeats "1 dependencies of derivation 'bash.drv' failed to build" once per
+    // path that needed it; once says it.
+    let lines = reader
+        .finish()
+        .into_iter()
+        .map(|line| truncate(&hide_paths(&line, ctx.path_labels), MAX_LINE_BYTES))
+        .filter(|line| seen.insert(line.clone()));
+    for line in lines.take(MAX_LINES) {
         if out.len() + line.len() + 1 > MAX_BYTES {
             break;
         }
@@ -989,6 +996,31 @@ error: building of '/nix/store/gib414lizy2jb79a0ph8pjib7ssq4xgp-slow-1.0.drv!*' 
         assert_eq!(
             sanitise(b"\x1b[31;1merror:\x1b[0m a\tb\r\nc\rd\x00\xc3(\x1b[\n\x1bx"),
             "error: a\tb\nc\u{fffd}d\u{fffd}\u{fffd}(\n\u{fffd}x"
+        );
+    }
+
+    #[test]
+    fn repeated_lines_are_said_once() {
+        // Captured from nixpkgs 24.11 without network (hello needs bash's source).
+        let stderr = "error: unable to download 'https://mirrors.kernel.org/gnu/bash/bash-5.2.tar.gz': Couldn't resolve host name (6)\n\
+error: builder for '/nix/store/v3bygz7xvzqysfbsz0mm4sv5c8p3pdgn-bash-5.2.tar.gz.drv' failed with exit code 1\n\
+error: 1 dependencies of derivation '/nix/store/8kxz3hkwjv7dvsbgrrvnq2q1fn6mw5ss-bash-5.2p37.drv' failed to build\n\
+error: 1 dependencies of derivation '/nix/store/8kxz3hkwjv7dvsbgrrvnq2q1fn6mw5ss-bash-5.2p37.drv' failed to build\n\
+error: 1 dependencies of derivation '/nix/store/8kxz3hkwjv7dvsbgrrvnq2q1fn6mw5ss-bash-5.2p37.drv' failed to build\n\
+error: 1 dependencies of derivation '/nix/store/0fr9ag3p5gnmm8svk3z7bq4w6f1nsp7h-hello-2.12.1.drv' failed to build\n";
+        let ctx = ErrorContext {
+            path_labels: &[],
+            system: "x86_64-linux",
+        };
+        let Failure::Failed(text) = summarise(stderr.as_bytes(), &ctx) else {
+            panic!("not a refusal");
+        };
+        assert_eq!(
+            text,
+            "unable to download 'https://mirrors.kernel.org/gnu/bash/bash-5.2.tar.gz': Couldn't resolve host name (6)\n\
+builder for 'bash-5.2.tar.gz.drv' failed with exit code 1\n\
+1 dependencies of derivation 'bash-5.2p37.drv' failed to build\n\
+1 dependencies of derivation 'hello-2.12.1.drv' failed to build"
         );
     }
 }
