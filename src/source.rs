@@ -88,7 +88,7 @@ fn watch_events(
         if let Some(shared) = shared.upgrade() {
             changes += 1;
             shared.write().expect("source watch lock").path = format!("changes:{changes}");
-            if changes == 1 || changes % 1000 == 0 {
+            if changes == 1 || changes.is_multiple_of(1000) {
                 log::info!("package set changed; the next pulls evaluate it again");
             }
         }
