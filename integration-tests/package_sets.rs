@@ -448,6 +448,19 @@ fn refusals_and_download_failures_are_a_few_clean_lines_naming_cause_and_setting
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+
+    // The server log has all of Nix's output, once per failed run, tagged with the
+    // image: here nixpkgs' advice that the client was spared.
+    let log = server.log();
+    let tagged: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("build unfreeapp [") && l.contains("failed; its output:"))
+        .collect();
+    assert_eq!(tagged.len(), 1, "{log}");
+    assert!(
+        log.contains("To temporarily allow unfree packages"),
+        "the full output is not logged:\n{log}"
+    );
 }
 
 #[test]
