@@ -263,3 +263,53 @@ fn a_channel_comes_from_a_mirror_over_http_or_from_a_file() {
     let (_, message) = registry_error(400, status, &h, &body);
     assert!(message.contains("nixos-missing.tar.gz"), "{message}");
 }
+
+#[test]
+fn tags_list_names_the_tags_served_and_pages_with_link_headers() {
+    if !common::require_tool("git") {
+        return;
+    }
+    let repo = Repo::new();
+    for branch in ["v1", "v2"] {
+        repo.git(&["branch", branch]);
+    }
+    let url = repo.url();
+    let server = Server::start(&[("NIXERY_PKGS_PATH", ""), ("NIXERY_PKGS_REPO", url.as_str())]);
+    let list = |query: &str| {
+        let (status, h, body) = http_get(&server.url(&format!("/v2/hello/tags/list{query}")), &[]);
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let tags: Vec<String> = v["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect();
+        (tags, h.get("link").map(str::to_string))
+    };
+    assert_eq!(list("").0, ["latest"], "nothing served yet");
+    for tag in ["v2", "main", "v1", "latest"] {
+        digest(&server, "hello", tag);
+    }
+    assert_eq!(list("").0, ["latest", "main", "v1", "v2"]);
+
+    // Walk the pages one tag at a time, as a client following Link would.
+    let mut walked = Vec::new();
+    let mut query = "?n=1".to_string();
+    loop {
+        let (tags, link) = list(&query);
+        assert_eq!(tags.len(), 1, "{query}");
+        walked.extend(tags);
+        let Some(link) = link else { break };
+        let target = link
+            .strip_prefix("</v2/hello/tags/list")
+            .and_then(|l| l.strip_suffix(">; rel=\"next\""))
+            .unwrap_or_else(|| panic!("Link header {link:?}"));
+        query = target.to_string();
+        assert!(walked.len() < 10, "pages do not end");
+    }
+    assert_eq!(walked, ["latest", "main", "v1", "v2"]);
+    assert_eq!(list("?last=main").0, ["v1", "v2"]);
+    let (status, h, body) = http_get(&server.url("/v2/hello/tags/list?n=many"), &[]);
+    registry_error(400, status, &h, &body);
+}

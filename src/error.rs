@@ -190,7 +190,9 @@ impl From<BuildError> for RegistryError {
 impl From<SourceError> for RegistryError {
     fn from(e: SourceError) -> Self {
         let (status, code) = match &e {
-            SourceError::UnknownRef { .. } => (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN"),
+            SourceError::UnknownRef { .. } | SourceError::OnlyLatest { .. } => {
+                (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
+            }
             SourceError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
         };
         RegistryError::new(status, code, e.to_string())

@@ -11,6 +11,7 @@ use crate::manifest::{self, ManifestFormat};
 use crate::reference::{parse_route, Digest, Reference, Route};
 use crate::source::Sources;
 use crate::storage::Storage;
+use crate::tags;
 use actix::Addr;
 use actix_web::body::{BoxBody, EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -108,9 +109,26 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
             .body("{}")),
         Route::TagsList { name } => {
             ImageRequest::from_name(&name, state.limits.max_packages)?;
-            Ok(HttpResponse::Ok()
-                .insert_header(("Docker-Distribution-API-Version", "registry/2.0"))
-                .json(serde_json::json!({ "name": name, "tags": ["latest"] })))
+            let page = tags::page(&state.sources.tags(), req.query_string()).map_err(|e| {
+                RegistryError::new(
+                    StatusCode::BAD_REQUEST,
+                    "PAGINATION_NUMBER_INVALID",
+                    e.to_string(),
+                )
+            })?;
+            let mut response = HttpResponse::Ok();
+            response.insert_header(("Docker-Distribution-API-Version", "registry/2.0"));
+            if let Some(next) = &page.next {
+                response.insert_header((
+                    header::LINK,
+                    format!("</v2/{name}/tags/list?{next}>; rel=\"next\""),
+                ));
+            }
+            Ok(response.json(serde_json::json!({ "name": name, "tags": page.tags })))
+        }
+        Route::Referrers { name, digest } => {
+            ImageRequest::from_name(&name, state.limits.max_packages)?;
+            referrers(req, state, &digest)
         }
         Route::Manifest {
             name,
@@ -137,6 +155,7 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
                         .await??
                 }
             };
+            state.sources.served(&tag);
             let m = image.manifest(format);
             Ok(manifest_response(format, &m.digest, m.bytes.clone()))
         }
@@ -154,6 +173,32 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
         }
         Route::Blob { digest, .. } => blob(req, state, digest).await,
     }
+}
+
+/// The artifacts whose subject is the manifest `digest`, as an OCI image index;
+/// empty (not 404) when there are none, as the distribution spec asks.
+fn referrers(
+    req: &HttpRequest,
+    _state: &AppState,
+    _digest: &Digest,
+) -> Result<HttpResponse, RegistryError> {
+    let filter = req
+        .query_string()
+        .split('&')
+        .any(|p| p.starts_with("artifactType="));
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": manifest::OCI_INDEX,
+        "manifests": [],
+    });
+    let mut response = HttpResponse::Ok();
+    response
+        .insert_header((header::CONTENT_TYPE, manifest::OCI_INDEX))
+        .insert_header(("Docker-Distribution-API-Version", "registry/2.0"));
+    if filter {
+        response.insert_header(("OCI-Filters-Applied", "artifactType"));
+    }
+    Ok(response.body(index.to_string()))
 }
 
 async fn stored_manifest(state: &AppState, digest: &Digest) -> Result<Bytes, RegistryError> {

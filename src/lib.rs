@@ -21,3 +21,4 @@ pub mod reference;
 pub mod signing;
 pub mod source;
 pub mod storage;
+pub mod tags;

@@ -13,6 +13,7 @@ pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzi
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 /// Which manifest format a response carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -132,6 +132,8 @@ pub fn route_label(path: &str) -> &'static str {
             "blob"
         } else if path.ends_with("/tags/list") {
             "tags"
+        } else if path.contains("/referrers/") {
+            "referrers"
         } else {
             "other"
         }

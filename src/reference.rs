@@ -23,6 +23,11 @@ pub enum Route {
     TagsList {
         name: String,
     },
+    /// `/v2/<name>/referrers/<digest>`: artifacts whose subject is that manifest.
+    Referrers {
+        name: String,
+        digest: Digest,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -112,7 +117,7 @@ pub fn parse_route(path: &str, max_name_len: usize) -> Result<Route, RouteError>
         let (head, last) = rest.rsplit_once('/').ok_or(RouteError::UnknownRoute)?;
         let (name, kind) = head.rsplit_once('/').ok_or(RouteError::UnknownRoute)?;
         match kind {
-            "manifests" | "blobs" => (name, Some((kind, last))),
+            "manifests" | "blobs" | "referrers" => (name, Some((kind, last))),
             _ => return Err(RouteError::UnknownRoute),
         }
     };
@@ -122,6 +127,10 @@ pub fn parse_route(path: &str, max_name_len: usize) -> Result<Route, RouteError>
         Some(("manifests", reference)) => Ok(Route::Manifest {
             name,
             reference: parse_reference(reference)?,
+        }),
+        Some(("referrers", digest)) => Ok(Route::Referrers {
+            name,
+            digest: Digest::parse(digest)?,
         }),
         Some((_, digest)) => Ok(Route::Blob {
             name,
@@ -271,6 +280,14 @@ mod tests {
                     name: "tools.figlet".into(),
                 }),
             ),
+            (
+                &*Box::leak(format!("/v2/shell/git/referrers/sha256:{HEX}").into_boxed_str()),
+                Ok(Route::Referrers {
+                    name: "shell/git".into(),
+                    digest: Digest::from_hex(HEX).unwrap(),
+                }),
+            ),
+            ("/v2/hello/referrers/latest", Err(RouteError::DigestInvalid)),
             ("/v2/hello/blobs/uploads/", Err(RouteError::UnknownRoute)),
             ("/v2/_catalog", Err(RouteError::UnknownRoute)),
             ("/v3/", Err(RouteError::UnknownRoute)),
@@ -373,7 +390,7 @@ mod tests {
                             prop_assert!(tag_re.is_match(&t));
                         }
                     }
-                    Route::Blob { name, .. } | Route::TagsList { name } => prop_assert!(re.is_match(&name)),
+                    Route::Blob { name, .. } | Route::TagsList { name } | Route::Referrers { name, .. } => prop_assert!(re.is_match(&name)),
                 }
             }
         }

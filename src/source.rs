@@ -32,6 +32,8 @@ pub struct ResolvedSource {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SourceError {
+    #[error("tag {tag:?} does not exist: this registry builds the latest version of its package set; pull the tag latest")]
+    OnlyLatest { tag: String },
     #[error("tag {tag:?} names no branch or tag of the package set's repository; use latest, a branch, or a full commit")]
     UnknownRef { tag: String },
     #[error("the package set's repository cannot be reached: {0}")]
@@ -48,6 +50,8 @@ pub struct Sources {
     /// Kept alive for the events it delivers.
     _events: Mutex<Option<notify::RecommendedWatcher>>,
     refs: Mutex<HashMap<String, (String, Instant)>>,
+    /// Tags a manifest was served for (git sources list them).
+    served: Mutex<std::collections::BTreeSet<String>>,
     resolving: tokio::sync::Mutex<()>,
     git: String,
 }
@@ -188,6 +192,7 @@ impl Sources {
             watched,
             _events: Mutex::new(events),
             refs: Mutex::default(),
+            served: Mutex::default(),
             resolving: tokio::sync::Mutex::new(()),
             git: "git".into(),
         }))
@@ -201,8 +206,39 @@ impl Sources {
         &self.config
     }
 
+    /// The tags that exist: `latest`, and for a git source every tag a manifest was
+    /// served for.
+    pub fn tags(&self) -> Vec<String> {
+        let mut tags = vec!["latest".to_string()];
+        if matches!(self.source, PackageSource::Git(_)) {
+            tags.extend(
+                self.served
+                    .lock()
+                    .expect("served tags lock")
+                    .iter()
+                    .cloned(),
+            );
+        }
+        tags
+    }
+
+    /// Notes that a manifest was served for `tag`.
+    pub fn served(&self, tag: &str) {
+        if matches!(self.source, PackageSource::Git(_)) && tag != "latest" {
+            let mut served = self.served.lock().expect("served tags lock");
+            if !served.contains(tag) {
+                served.insert(tag.to_string());
+            }
+        }
+    }
+
     /// The package set for a tag, without running Nix.
     pub async fn resolve(&self, tag: &str) -> Result<ResolvedSource, SourceError> {
+        if !matches!(self.source, PackageSource::Git(_)) && tag != "latest" {
+            return Err(SourceError::OnlyLatest {
+                tag: tag.to_string(),
+            });
+        }
         let watched = self.watched.read().expect("source watch lock").clone();
         let mut resolved = match &self.source {
             PackageSource::Path(p) => ResolvedSource {
