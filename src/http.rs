@@ -2,7 +2,9 @@
 //! build status as JSON. Handlers parse, ask the caches or the actors, and shape
 //! responses; GET and HEAD share every code path so their headers always agree.
 
-use crate::actors::coordinator::{request_key, BuildCoordinator, GetImage, SharedState};
+use crate::actors::coordinator::{
+    load_referrers, request_key, BuildCoordinator, GetImage, SharedState,
+};
 use crate::actors::signer::{BlobAccess, LocateBlob, SignerActor};
 use crate::config::Limits;
 use crate::error::RegistryError;
@@ -128,7 +130,7 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
         }
         Route::Referrers { name, digest } => {
             ImageRequest::from_name(&name, state.limits.max_packages)?;
-            referrers(req, state, &digest)
+            referrers(req, state, &digest).await
         }
         Route::Manifest {
             name,
@@ -177,25 +179,55 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
 
 /// The artifacts whose subject is the manifest `digest`, as an OCI image index;
 /// empty (not 404) when there are none, as the distribution spec asks.
-fn referrers(
+async fn referrers(
     req: &HttpRequest,
-    _state: &AppState,
-    _digest: &Digest,
+    state: &AppState,
+    digest: &Digest,
 ) -> Result<HttpResponse, RegistryError> {
-    let filter = req
-        .query_string()
-        .split('&')
-        .any(|p| p.starts_with("artifactType="));
+    let known = match state.shared.referrers_of(digest) {
+        Some(known) => known,
+        None => {
+            let stored = load_referrers(&state.storage, digest).await.map_err(|e| {
+                RegistryError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UNAVAILABLE",
+                    e.to_string(),
+                )
+            })?;
+            state.shared.remember_referrers(&stored);
+            stored
+        }
+    };
+    let filter: Option<String> = req.query_string().split('&').find_map(|p| {
+        let value = p.strip_prefix("artifactType=")?;
+        Some(
+            percent_encoding::percent_decode_str(value)
+                .decode_utf8_lossy()
+                .into_owned(),
+        )
+    });
+    let manifests: Vec<serde_json::Value> = known
+        .iter()
+        .filter(|r| filter.as_ref().is_none_or(|t| &r.artifact_type == t))
+        .map(|r| {
+            serde_json::json!({
+                "mediaType": manifest::OCI_MANIFEST,
+                "digest": r.manifest.digest.to_string(),
+                "size": r.manifest.bytes.len(),
+                "artifactType": r.artifact_type,
+            })
+        })
+        .collect();
     let index = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": manifest::OCI_INDEX,
-        "manifests": [],
+        "manifests": manifests,
     });
     let mut response = HttpResponse::Ok();
     response
         .insert_header((header::CONTENT_TYPE, manifest::OCI_INDEX))
         .insert_header(("Docker-Distribution-API-Version", "registry/2.0"));
-    if filter {
+    if filter.is_some() {
         response.insert_header(("OCI-Filters-Applied", "artifactType"));
     }
     Ok(response.body(index.to_string()))

@@ -130,7 +130,7 @@ const ALWAYS_PRESENT_PREFIXES: [&str; 2] = ["nss-cacert", "iana-etc"];
 const STORE_DIR: &str = "/nix/store/";
 
 /// One entry of the runtime closure, as reported by Nix.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StorePathInfo {
     /// Full store path, e.g. `/nix/store/<hash>-glibc-2.27`.
     pub path: String,
@@ -138,6 +138,12 @@ pub struct StorePathInfo {
     pub nar_size: u64,
     /// Store paths this path refers to. This may include the path itself.
     pub references: Vec<String>,
+    /// `sha256:…` of the NAR serialisation, as Nix records it.
+    #[serde(default)]
+    pub nar_hash: String,
+    /// The derivation that built the path; empty when Nix does not know it.
+    #[serde(default)]
+    pub deriver: String,
 }
 
 /// Error from [`Popularity::from_json`].
@@ -545,6 +551,7 @@ mod tests {
             path: sp(name),
             nar_size,
             references,
+            ..Default::default()
         }
     }
 
@@ -1194,6 +1201,7 @@ mod tests {
                         path: sp(&name(i)),
                         nar_size: *size,
                         references: refs.iter().map(|&r| sp(&name(r))).collect(),
+                        ..Default::default()
                     })
                     .collect();
                 let popularity: Popularity = nodes

@@ -18,6 +18,7 @@ pub mod nix;
 pub mod pargzip;
 pub mod process;
 pub mod reference;
+pub mod sbom;
 pub mod signing;
 pub mod source;
 pub mod storage;

@@ -122,6 +122,11 @@ pub struct ResolvedPackage {
     pub drv_path: String,
     pub output: String,
     pub path: String,
+    /// `meta.license` as SPDX ids or nixpkgs short names, for the SBOM.
+    #[serde(default)]
+    pub licenses: Vec<String>,
+    #[serde(default)]
+    pub homepage: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -177,12 +182,18 @@ pub fn parse_registration(text: &str) -> Result<Vec<StorePathInfo>, String> {
         if path.is_empty() {
             continue;
         }
-        let _nar_hash = lines.next().ok_or_else(|| bad("missing hash"))?;
+        let nar_hash = lines.next().ok_or_else(|| bad("missing hash"))?.trim();
+        // Nix 2.8 prints bare base-16 sha256 here; later versions an algorithm prefix.
+        let nar_hash = if nar_hash.contains(':') {
+            nar_hash.to_string()
+        } else {
+            format!("sha256:{nar_hash}")
+        };
         let nar_size: u64 = lines
             .next()
             .and_then(|l| l.trim().parse().ok())
             .ok_or_else(|| bad("missing or bad size"))?;
-        let _deriver = lines.next().ok_or_else(|| bad("missing deriver"))?;
+        let deriver = lines.next().ok_or_else(|| bad("missing deriver"))?.trim();
         let count: usize = lines
             .next()
             .and_then(|l| l.trim().parse().ok())
@@ -200,6 +211,8 @@ pub fn parse_registration(text: &str) -> Result<Vec<StorePathInfo>, String> {
             path: path.to_string(),
             nar_size,
             references,
+            nar_hash,
+            deriver: deriver.to_string(),
         });
     }
     Ok(out)
@@ -292,7 +305,10 @@ mod tests {
             infos[0].references,
             ["/nix/store/8hzb-busybox", "/nix/store/q9v7-libfoo-1.0"]
         );
+        assert_eq!(infos[0].nar_hash, "sha256:9b1e61");
+        assert_eq!(infos[0].deriver, "/nix/store/arv2-hello-1.0.drv");
         assert_eq!(infos[1].path, "/nix/store/8hzb-busybox");
+        assert_eq!(infos[1].deriver, "");
         assert!(infos[1].references.is_empty());
         assert!(parse_registration("/nix/store/x\nh\nnotanumber\n").is_err());
         assert!(parse_registration("/nix/store/x\nh\n1\n\n3\n/a\n").is_err());

@@ -371,6 +371,11 @@ let
     hello = scriptsPkg {
       name = "hello-2.12.1";
       scripts.hello = ''echo 'Hello, world!' '';
+      # As nixpkgs describes it; the SBOM reports both.
+      meta = {
+        license = { spdxId = "GPL-3.0-or-later"; shortName = "gpl3Plus"; free = true; };
+        homepage = "https://www.gnu.org/software/hello/manual/";
+      };
     };
 
     cowsay = scriptsPkg {

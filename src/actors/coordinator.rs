@@ -23,6 +23,7 @@ use crate::manifest::{self, LayerEntry, ManifestFormat, RuntimeConfig};
 use crate::metrics::Metrics;
 use crate::nix::Evaluation;
 use crate::reference::Digest;
+use crate::sbom;
 use crate::source::ResolvedSource;
 use crate::storage::{self, RecordKind, Storage, StorageError};
 use actix::prelude::*;
@@ -37,7 +38,11 @@ use tokio::sync::oneshot;
 
 /// Bumped whenever layer or manifest bytes change for the same inputs, so records
 /// written by an older version are never mistaken for current ones.
-const FORMAT_VERSION: &str = "nixery-v1";
+const FORMAT_VERSION: &str = "nixery-v2";
+
+/// The creation time written into SBOMs: fixed, so the same image always has the
+/// same SBOM bytes (the package set's own time is not known for a path source).
+const SBOM_CREATED: &str = "1970-01-01T00:00:00Z";
 
 /// Build (or find) the image for a request.
 #[derive(Message)]
@@ -68,6 +73,41 @@ pub struct StoredManifest {
 pub struct BuiltImage {
     pub docker: StoredManifest,
     pub oci: StoredManifest,
+    /// Artifacts (the SBOM) whose subject is one of the two manifests.
+    pub referrers: Vec<Referrer>,
+}
+
+/// An artifact manifest attached to an image manifest, as the referrers API lists it.
+#[derive(Debug, Clone)]
+pub struct Referrer {
+    pub subject: Digest,
+    pub artifact_type: String,
+    pub manifest: StoredManifest,
+}
+
+impl Referrer {
+    /// Reads an artifact manifest this registry wrote; None for anything else.
+    pub fn parse(bytes: Bytes) -> Option<Referrer> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Artifact {
+            artifact_type: String,
+            subject: Subject,
+        }
+        #[derive(Deserialize)]
+        struct Subject {
+            digest: String,
+        }
+        let a: Artifact = serde_json::from_slice(&bytes).ok()?;
+        Some(Referrer {
+            subject: Digest::parse(&a.subject.digest).ok()?,
+            artifact_type: a.artifact_type,
+            manifest: StoredManifest {
+                digest: Digest::of(&bytes),
+                bytes,
+            },
+        })
+    }
 }
 
 impl BuiltImage {
@@ -110,6 +150,7 @@ const MAX_TAG_ENTRIES: usize = 100_000;
 pub struct SharedState {
     tags: RwLock<HashMap<String, Arc<BuiltImage>>>,
     manifests: RwLock<HashMap<Digest, Bytes>>,
+    referrers: RwLock<HashMap<Digest, Vec<Referrer>>>,
     known_blobs: RwLock<std::collections::HashSet<Digest>>,
     pub stats: Metrics,
     progress: Mutex<BTreeMap<String, BuildProgress>>,
@@ -132,6 +173,28 @@ impl SharedState {
             .expect("manifest cache lock")
             .get(digest)
             .cloned()
+    }
+
+    /// The artifacts known to name `subject`, if any were seen by this process.
+    pub fn referrers_of(&self, subject: &Digest) -> Option<Vec<Referrer>> {
+        self.referrers
+            .read()
+            .expect("referrers lock")
+            .get(subject)
+            .cloned()
+    }
+
+    /// Remembers artifacts by subject, and their manifests by digest.
+    pub fn remember_referrers(&self, referrers: &[Referrer]) {
+        let mut map = self.referrers.write().expect("referrers lock");
+        for r in referrers {
+            let list = map.entry(r.subject.clone()).or_default();
+            if !list.iter().any(|k| k.manifest.digest == r.manifest.digest) {
+                list.push(r.clone());
+                list.sort_by_key(|r| r.manifest.digest.to_string());
+            }
+            self.remember_manifest(r.manifest.digest.clone(), r.manifest.bytes.clone());
+        }
     }
 
     pub fn remember_manifest(&self, digest: Digest, bytes: Bytes) {
@@ -386,6 +449,7 @@ impl Handler<BuildFinished> for BuildCoordinator {
                 for m in [&image.docker, &image.oci] {
                     shared.remember_manifest(m.digest.clone(), m.bytes.clone());
                 }
+                shared.remember_referrers(&image.referrers);
                 let mut tags = shared.tags.write().expect("tag cache lock");
                 if tags.len() >= MAX_TAG_ENTRIES {
                     tags.clear();
@@ -448,6 +512,16 @@ struct LayerDone {
 struct ImageRecord {
     docker: String,
     oci: String,
+    /// Artifact manifests (the SBOM) whose subject is one of the two.
+    #[serde(default)]
+    referrers: Vec<String>,
+}
+
+/// The artifacts naming one manifest, kept so any process on the storage can
+/// answer the referrers API for it.
+#[derive(Debug, Serialize, Deserialize)]
+struct ReferrersRecord {
+    manifests: Vec<String>,
 }
 
 fn storage_error(e: StorageError) -> BuildError {
@@ -686,7 +760,15 @@ async fn assemble(
     }
     let oci = manifests.pop().expect("two manifests");
     let docker = manifests.pop().expect("two manifests");
-    let image = Arc::new(BuiltImage { docker, oci });
+    let (referrers, sbom_bytes) =
+        attach_sbom(c, request, evaluation, &closure, [&docker, &oci]).await?;
+    uploaded += sbom_bytes;
+    let image = Arc::new(BuiltImage {
+        docker,
+        oci,
+        referrers,
+    });
+    store_referrers(c, &image).await?;
 
     store_record(c, RecordKind::Image, image_key, &image).await?;
     if pinned {
@@ -707,6 +789,122 @@ async fn assemble(
         entries.iter().map(|e| e.size).sum::<u64>() + config.len() as u64
     );
     Ok(image)
+}
+
+/// An SPDX SBOM of the image's closure, stored as a blob and attached to both
+/// manifests by an artifact manifest each; built from what the build already knows.
+/// Returns the artifacts and the bytes uploaded.
+async fn attach_sbom(
+    c: &BuildContext,
+    request: &ImageRequest,
+    evaluation: &Evaluation,
+    closure: &[crate::layers::StorePathInfo],
+    subjects: [&StoredManifest; 2],
+) -> Result<(Vec<Referrer>, u64), BuildError> {
+    let paths: Vec<sbom::PathInfo> = closure
+        .iter()
+        .map(|p| sbom::PathInfo {
+            path: &p.path,
+            nar_hash: &p.nar_hash,
+            nar_size: p.nar_size,
+            deriver: &p.deriver,
+            references: &p.references,
+        })
+        .collect();
+    let top_level: Vec<sbom::TopLevel> = evaluation
+        .packages
+        .iter()
+        .map(|p| sbom::TopLevel {
+            attr: &p.name,
+            path: &p.path,
+            output: &p.output,
+            drv_path: &p.drv_path,
+            licenses: &p.licenses,
+            homepage: p.homepage.as_deref(),
+        })
+        .collect();
+    let name = request.display_name();
+    let oci_digest = subjects[1].digest.to_string();
+    let document = Bytes::from(sbom::spdx_json(&sbom::SbomInput {
+        image_name: &name,
+        subject_digest: &oci_digest,
+        system: request.arch.nix_system(),
+        created: SBOM_CREATED,
+        closure: &paths,
+        top_level: &top_level,
+    }));
+    let sbom_digest = Digest::of(&document);
+    let mut uploaded = put_bytes(c, &sbom_digest, document.clone(), sbom::SPDX_MEDIA_TYPE).await?;
+    let empty = Bytes::from_static(sbom::EMPTY_CONFIG);
+    uploaded += put_bytes(c, &Digest::of(&empty), empty, sbom::EMPTY_CONFIG_MEDIA_TYPE).await?;
+    let mut referrers = Vec::with_capacity(2);
+    for (subject, format) in subjects
+        .into_iter()
+        .zip([ManifestFormat::Docker, ManifestFormat::Oci])
+    {
+        let bytes = Bytes::from(sbom::artifact_manifest(
+            &sbom_digest.to_string(),
+            document.len() as u64,
+            format.media_type(),
+            &subject.digest.to_string(),
+            subject.bytes.len() as u64,
+            SBOM_CREATED,
+        ));
+        let referrer = Referrer::parse(bytes.clone())
+            .ok_or_else(|| BuildError::Internal("unreadable SBOM artifact manifest".into()))?;
+        uploaded += put_bytes(c, &referrer.manifest.digest, bytes, manifest::OCI_MANIFEST).await?;
+        referrers.push(referrer);
+    }
+    Ok((referrers, uploaded))
+}
+
+/// One record per subject manifest, naming its artifacts, so the referrers API
+/// answers on any process before it has seen the image.
+async fn store_referrers(c: &BuildContext, image: &BuiltImage) -> Result<(), BuildError> {
+    for subject in [&image.docker.digest, &image.oci.digest] {
+        let manifests = image
+            .referrers
+            .iter()
+            .filter(|r| &r.subject == subject)
+            .map(|r| String::from_utf8_lossy(&r.manifest.bytes).into_owned())
+            .collect();
+        let record = ReferrersRecord { manifests };
+        c.storage
+            .write_record(
+                RecordKind::Referrers,
+                subject.hex(),
+                Bytes::from(serde_json::to_vec(&record).expect("records serialise")),
+            )
+            .await
+            .map_err(storage_error)?;
+    }
+    Ok(())
+}
+
+/// The artifacts naming `subject` that another process recorded; empty when none.
+pub async fn load_referrers(
+    storage: &Storage,
+    subject: &Digest,
+) -> Result<Vec<Referrer>, StorageError> {
+    let Some(raw) = storage
+        .read_record(RecordKind::Referrers, subject.hex())
+        .await?
+    else {
+        return Ok(Vec::new());
+    };
+    let record: ReferrersRecord = match serde_json::from_slice(&raw) {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!("ignoring unreadable referrers record of {subject}: {e}");
+            return Ok(Vec::new());
+        }
+    };
+    Ok(record
+        .manifests
+        .into_iter()
+        .filter_map(|m| Referrer::parse(Bytes::from(m.into_bytes())))
+        .filter(|r| &r.subject == subject)
+        .collect())
 }
 
 /// The key of an assembled image: its top-level store paths and every setting that
@@ -741,9 +939,15 @@ async fn store_record(
     key: &str,
     image: &BuiltImage,
 ) -> Result<(), BuildError> {
+    let text = |b: &Bytes| String::from_utf8_lossy(b).into_owned();
     let record = ImageRecord {
-        docker: String::from_utf8_lossy(&image.docker.bytes).into_owned(),
-        oci: String::from_utf8_lossy(&image.oci.bytes).into_owned(),
+        docker: text(&image.docker.bytes),
+        oci: text(&image.oci.bytes),
+        referrers: image
+            .referrers
+            .iter()
+            .map(|r| text(&r.manifest.bytes))
+            .collect(),
     };
     c.storage
         .write_record(
@@ -767,11 +971,19 @@ fn image_blobs(image: &BuiltImage) -> Option<Vec<Digest>> {
         config: Desc,
         layers: Vec<Desc>,
     }
-    let parsed: Parsed = serde_json::from_slice(&image.docker.bytes).ok()?;
     let mut blobs = vec![image.docker.digest.clone(), image.oci.digest.clone()];
-    for d in std::iter::once(&parsed.config).chain(parsed.layers.iter()) {
-        blobs.push(Digest::parse(&d.digest).ok()?);
+    let artifacts = image.referrers.iter().map(|r| &r.manifest);
+    for m in std::iter::once(&image.docker).chain(artifacts) {
+        let parsed: Parsed = serde_json::from_slice(&m.bytes).ok()?;
+        if m.digest != image.docker.digest {
+            blobs.push(m.digest.clone());
+        }
+        for d in std::iter::once(&parsed.config).chain(parsed.layers.iter()) {
+            blobs.push(Digest::parse(&d.digest).ok()?);
+        }
     }
+    blobs.sort_by_key(|d| d.to_string());
+    blobs.dedup();
     Some(blobs)
 }
 
@@ -824,9 +1036,19 @@ async fn load_image(
             bytes,
         }
     };
+    let referrers: Option<Vec<Referrer>> = record
+        .referrers
+        .into_iter()
+        .map(|m| Referrer::parse(Bytes::from(m.into_bytes())))
+        .collect();
+    let Some(referrers) = referrers else {
+        log::warn!("ignoring image record {key} with an unreadable artifact");
+        return Ok(None);
+    };
     let image = BuiltImage {
         docker: manifest(record.docker),
         oci: manifest(record.oci),
+        referrers,
     };
     if !image_is_stored(c, &image).await? {
         log::warn!("image record {key} names a missing blob; rebuilding");

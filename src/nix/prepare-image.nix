@@ -72,11 +72,34 @@ let
   missing = map (r: r.name) (filter (r: r.value == null) resolved);
   notPackages = map (r: r.name) (filter (r: r.value != null && !(isDerivation r.value)) resolved);
 
+  # meta is read for the SBOM only; a package whose meta does not evaluate still builds.
+  metaOf = v: let m = builtins.tryEval (v.meta or { }); in if m.success && isAttrs m.value then m.value else { };
+  # SPDX ids where nixpkgs has one; its other licenses as SPDX license references.
+  licenseId = l:
+    if isAttrs l then
+      (l.spdxId or (if l ? shortName then "LicenseRef-nixpkgs-${l.shortName}" else null))
+    else if builtins.isString l then l
+    else null;
+  licensesOf = v:
+    let
+      l = (metaOf v).license or null;
+      ids = map licenseId (if builtins.isList l then l else [ l ]);
+      r = builtins.tryEval (builtins.deepSeq ids ids);
+    in if r.success then filter builtins.isString r.value else [ ];
+  homepageOf = v:
+    let
+      h = (metaOf v).homepage or null;
+      first = if builtins.isList h then (if h == [ ] then null else head h) else h;
+      r = builtins.tryEval first;
+    in if r.success && builtins.isString r.value then r.value else null;
+
   describe = r: {
     inherit (r) name;
     drvPath = r.value.drvPath;
     output = r.value.outputName or "out";
     path = r.value.outPath;
+    licenses = licensesOf r.value;
+    homepage = homepageOf r.value;
   };
 in
 {

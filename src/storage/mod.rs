@@ -100,6 +100,8 @@ pub enum RecordKind {
     Image,
     /// A manifest for a pinned source, keyed by the request.
     Pinned,
+    /// The artifact manifests (SBOMs) whose subject is a manifest, keyed by its hex.
+    Referrers,
 }
 
 impl RecordKind {
@@ -108,6 +110,7 @@ impl RecordKind {
             RecordKind::Layer => "layers",
             RecordKind::Image => "images",
             RecordKind::Pinned => "pinned",
+            RecordKind::Referrers => "referrers",
         }
     }
 }
