@@ -507,10 +507,12 @@ fn an_image_built_before_the_bucket_was_emptied_still_pulls() {
         return;
     }
     let mut gcs = FakeGcs::start(&[BUCKET]);
-    let server = start_server(&gcs, &[]);
+    let server = start_server(&gcs, &[("NIXERY_STORAGE__VERIFY_INTERVAL_SECS", "1")]);
     let (digest, _) = manifest(&server, "hello");
-    // The emulator restarts empty, as a bucket whose objects were deleted.
+    // The emulator restarts empty, as a bucket whose objects were deleted. A cached
+    // image is checked against the bucket once its verify interval has passed.
     gcs.restart();
+    thread::sleep(Duration::from_millis(1100));
     let (digest2, m) = manifest(&server, "hello");
     assert_eq!(digest2, digest, "same inputs, same image");
     for d in blob_digests(&m) {

@@ -127,6 +127,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         storage: storage.clone(),
         shared,
         sources,
+        verify_interval: Duration::from_secs(settings.storage.verify_interval_secs),
         limits: settings.limits.clone(),
     });
     let mut server = HttpServer::new(move || {

@@ -73,6 +73,7 @@ pub struct StorageSettings {
     pub signed_url_ttl_secs: u64,
     pub upload_concurrency: usize,
     pub upload_chunk_mib: usize,
+    pub verify_interval_secs: u64,
 }
 
 impl StorageSettings {

@@ -3,7 +3,7 @@
 //! responses; GET and HEAD share every code path so their headers always agree.
 
 use crate::actors::coordinator::{
-    load_referrers, request_key, BuildCoordinator, GetImage, SharedState,
+    image_in_storage, load_referrers, request_key, BuildCoordinator, GetImage, SharedState,
 };
 use crate::actors::signer::{BlobAccess, LocateBlob, SignerActor};
 use crate::config::Limits;
@@ -31,6 +31,8 @@ pub struct AppState {
     pub storage: Arc<Storage>,
     pub shared: Arc<SharedState>,
     pub sources: Arc<Sources>,
+    /// How long storage is trusted to keep a cached image's blobs.
+    pub verify_interval: std::time::Duration,
     pub limits: Limits,
 }
 
@@ -144,7 +146,32 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
                     .filter_map(|v| v.to_str().ok()),
             );
             let key = request_key(&request, &source);
-            let image = match state.shared.cached_image(&key) {
+            let cached = match state.shared.cached_image(&key, state.verify_interval) {
+                Some((image, true)) => Some(image),
+                // Storage can lose blobs (a bucket emptied or restored): a cached image
+                // is checked against it at most once per interval before it is served.
+                Some((image, false)) => {
+                    let stored = image_in_storage(&state.storage, &state.shared, &image)
+                        .await
+                        .map_err(|e| {
+                            RegistryError::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "UNAVAILABLE",
+                                e.to_string(),
+                            )
+                        })?;
+                    if stored {
+                        state.shared.image_verified(&key);
+                        Some(image)
+                    } else {
+                        log::warn!("{name}: storage lost blobs of the cached image; rebuilding");
+                        state.shared.forget_image(&key);
+                        None
+                    }
+                }
+                None => None,
+            };
+            let image = match cached {
                 Some(image) => image,
                 None => {
                     state

@@ -141,6 +141,12 @@ pub struct RecentFailure {
     pub unix_time: u64,
 }
 
+/// A built image by request key, and when storage was last seen to hold its blobs.
+struct TagEntry {
+    image: Arc<BuiltImage>,
+    verified: Instant,
+}
+
 /// Tag cache entries kept at most; past that the cache starts over. Keys change
 /// with the source version, so old entries are only ever dead weight.
 const MAX_TAG_ENTRIES: usize = 100_000;
@@ -148,7 +154,7 @@ const MAX_TAG_ENTRIES: usize = 100_000;
 /// State shared with the HTTP handlers, read without going through the actor.
 #[derive(Default)]
 pub struct SharedState {
-    tags: RwLock<HashMap<String, Arc<BuiltImage>>>,
+    tags: RwLock<HashMap<String, TagEntry>>,
     manifests: RwLock<HashMap<Digest, Bytes>>,
     referrers: RwLock<HashMap<Digest, Vec<Referrer>>>,
     known_blobs: RwLock<std::collections::HashSet<Digest>>,
@@ -158,12 +164,33 @@ pub struct SharedState {
 }
 
 impl SharedState {
-    /// The image built for a request key. The key holds the source's version, so
-    /// an entry never goes stale.
-    pub fn cached_image(&self, key: &str) -> Option<Arc<BuiltImage>> {
-        let image = self.tags.read().expect("tag cache lock").get(key)?.clone();
+    /// The image built for a request key, and whether storage was seen to hold
+    /// its blobs within `verify_interval`. The key holds the source's version, so
+    /// the image itself never goes stale; only storage can lose it.
+    pub fn cached_image(
+        &self,
+        key: &str,
+        verify_interval: Duration,
+    ) -> Option<(Arc<BuiltImage>, bool)> {
+        let tags = self.tags.read().expect("tag cache lock");
+        let entry = tags.get(key)?;
         self.stats.cache_hit("tag");
-        Some(image)
+        Some((
+            entry.image.clone(),
+            entry.verified.elapsed() < verify_interval,
+        ))
+    }
+
+    /// After storage was seen to hold the image's blobs.
+    pub fn image_verified(&self, key: &str) {
+        if let Some(entry) = self.tags.write().expect("tag cache lock").get_mut(key) {
+            entry.verified = Instant::now();
+        }
+    }
+
+    /// After storage lost a blob of the image: the next request builds it again.
+    pub fn forget_image(&self, key: &str) {
+        self.tags.write().expect("tag cache lock").remove(key);
     }
 
     /// A manifest by digest, from memory.
@@ -454,7 +481,13 @@ impl Handler<BuildFinished> for BuildCoordinator {
                 if tags.len() >= MAX_TAG_ENTRIES {
                     tags.clear();
                 }
-                tags.insert(msg.key.clone(), image.clone());
+                tags.insert(
+                    msg.key.clone(),
+                    TagEntry {
+                        image: image.clone(),
+                        verified: Instant::now(),
+                    },
+                );
             }
             Err(e) => {
                 shared.stats.builds_failed.inc();
@@ -990,22 +1023,44 @@ fn image_blobs(image: &BuiltImage) -> Option<Vec<Digest>> {
 /// Whether storage still holds every blob of the image. Those it lacks are
 /// forgotten as known blobs; those it has are remembered.
 async fn image_is_stored(c: &BuildContext, image: &BuiltImage) -> Result<bool, BuildError> {
+    image_in_storage(&c.storage, &c.shared, image)
+        .await
+        .map_err(storage_error)
+}
+
+/// [`image_is_stored`] for the HTTP handlers, which hold storage and the shared
+/// state but no build context.
+pub async fn image_in_storage(
+    storage: &Storage,
+    shared: &SharedState,
+    image: &BuiltImage,
+) -> Result<bool, StorageError> {
     match image_blobs(image) {
-        Some(blobs) => all_stored(c, &blobs).await,
+        Some(blobs) => blobs_in_storage(storage, shared, &blobs).await,
         None => Ok(false),
     }
 }
 
 async fn all_stored(c: &BuildContext, blobs: &[Digest]) -> Result<bool, BuildError> {
-    let sizes = futures::future::join_all(blobs.iter().map(|d| c.storage.blob_size(d))).await;
+    blobs_in_storage(&c.storage, &c.shared, blobs)
+        .await
+        .map_err(storage_error)
+}
+
+async fn blobs_in_storage(
+    storage: &Storage,
+    shared: &SharedState,
+    blobs: &[Digest],
+) -> Result<bool, StorageError> {
+    let sizes = futures::future::join_all(blobs.iter().map(|d| storage.blob_size(d))).await;
     let mut all = true;
     for (d, size) in blobs.iter().zip(sizes) {
-        if size.map_err(storage_error)?.is_none() {
+        if size?.is_none() {
             log::warn!("blob {d} is no longer stored");
-            c.shared.forget_blob(d);
+            shared.forget_blob(d);
             all = false;
         } else {
-            c.shared.remember_blob(d);
+            shared.remember_blob(d);
         }
     }
     Ok(all)

@@ -1031,6 +1031,7 @@ mod tests {
             signed_url_ttl_secs: 300,
             upload_concurrency: 2,
             upload_chunk_mib: 1,
+            verify_interval_secs: 10,
         }
     }
 
