@@ -100,7 +100,8 @@ impl NixWorker {
     /// change what the package set evaluates to.
     fn command(&self, program: &str, args: &[String]) -> std::process::Command {
         let mut cmd = std::process::Command::new(self.program(program));
-        cmd.args(&self.options).args(args);
+        // Nix takes options anywhere; the operation first reads better in process lists.
+        cmd.args(args).args(&self.options);
         for (name, _) in std::env::vars_os() {
             if name.to_str().is_none_or(nix::is_leaky_env) {
                 cmd.env_remove(&name);
