@@ -208,6 +208,13 @@ fn a_branch_moves_after_the_ref_ttl_and_commits_stay_put() {
     assert_eq!(code, "MANIFEST_UNKNOWN");
     assert!(message.contains("no-such-branch"), "{message}");
     assert!(!message.contains(&repo.url()), "no server paths: {message}");
+
+    let missing = "0123456789abcdef0123456789abcdef01234567";
+    let url = server.url(&format!("/v2/hello/manifests/{missing}"));
+    let (status, h, body) = http_get(&url, &[ACCEPT]);
+    let (code, message) = registry_error(404, status, &h, &body);
+    assert_eq!(code, "MANIFEST_UNKNOWN");
+    assert!(message.contains(missing), "{message}");
 }
 
 /// A package set packed as a channel tarball (one top-level directory, as GitHub

@@ -19,6 +19,8 @@ pub enum BuildError {
     NotFound(Vec<String>),
     #[error("Not packages (attributes that are not derivations): {}", .0.join(", "))]
     NotPackages(Vec<String>),
+    #[error("tag {0} names no commit of the package set's repository")]
+    UnknownCommit(String),
     /// nixpkgs refused a package by its meta; one line naming the setting.
     #[error("{0}")]
     Refused(String),
@@ -166,7 +168,7 @@ impl From<BuildError> for RegistryError {
     fn from(e: BuildError) -> Self {
         let message = e.to_string();
         let (status, code) = match &e {
-            BuildError::NotFound(_) | BuildError::NotPackages(_) => {
+            BuildError::NotFound(_) | BuildError::NotPackages(_) | BuildError::UnknownCommit(_) => {
                 (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
             }
             BuildError::EvalFailed(_)

@@ -873,16 +873,4 @@ mod tests {
             })
         );
     }
-
-    /// Writes an example for checking by hand:
-    /// `cargo test --lib sbom::tests::write_example -- --ignored`, then
-    /// `pyspdxtools -i /tmp/nixery-sbom-example.spdx.json`.
-    #[test]
-    #[ignore]
-    fn write_example() {
-        let f = Fixture::new();
-        let (closure, top) = (f.closure(), f.top());
-        let path = std::env::temp_dir().join("nixery-sbom-example.spdx.json");
-        std::fs::write(path, spdx_json(&input(&closure, &top))).unwrap();
-    }
 }

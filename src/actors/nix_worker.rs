@@ -153,6 +153,9 @@ impl NixWorker {
                     "build {label}: {program} failed; its output:\n{}",
                     nix::errors::sanitise(&stderr).trim_end()
                 );
+                if let Some(rev) = nix::errors::missing_git_revision(&stderr) {
+                    return BuildError::UnknownCommit(rev);
+                }
                 match self.summary(&stderr, system) {
                     Failure::Refused(line) => BuildError::Refused(line),
                     Failure::Failed(text) => failed(text),

@@ -67,6 +67,17 @@ pub fn summarise(stderr: &[u8], ctx: &ErrorContext) -> Failure {
     Failure::Failed(out)
 }
 
+/// The commit `builtins.fetchGit` could not find, when that is why evaluation
+/// failed: the tag named no commit of the repository, which is a 404, not a fault.
+pub fn missing_git_revision(stderr: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(stderr);
+    let start = text.find("Cannot find Git revision '")? + "Cannot find Git revision '".len();
+    let rev = &text[start..start + text[start..].find('\'')?];
+    rev.bytes()
+        .all(|b| b.is_ascii_hexdigit())
+        .then(|| rev.to_string())
+}
+
 /// The whole output made safe for a log: ANSI colour codes stripped, other control
 /// bytes (except \n and \t) and invalid UTF-8 replaced with U+FFFD or a visible escape.
 pub fn sanitise(stderr: &[u8]) -> String {
@@ -1022,5 +1033,16 @@ builder for 'bash-5.2.tar.gz.drv' failed with exit code 1\n\
 1 dependencies of derivation 'bash-5.2p37.drv' failed to build\n\
 1 dependencies of derivation 'hello-2.12.1.drv' failed to build"
         );
+    }
+
+    #[test]
+    fn a_missing_git_revision_is_named() {
+        // Captured from Nix 2.8 fetchGit with allRefs on a local repository.
+        let stderr = b"error: Cannot find Git revision '0123456789abcdef0123456789abcdef01234567' in ref 'main' of repository '/srv/pkgs'! Please make sure that the rev exists on the ref you've specified or add allRefs = true; to fetchGit.\n(use '--show-trace' to show detailed location information)\n";
+        assert_eq!(
+            missing_git_revision(stderr).as_deref(),
+            Some("0123456789abcdef0123456789abcdef01234567")
+        );
+        assert_eq!(missing_git_revision(b"error: attribute 'x' missing"), None);
     }
 }
