@@ -251,6 +251,11 @@ fn a_channel_comes_from_a_mirror_over_http_or_from_a_file() {
     );
     let out = common::pull_and_run(server.addr(), "hello", &["/bin/hello"]);
     assert!(out.stdout.contains("Hello, world!"), "{out}");
+    // A channel has one version, latest: other tags do not exist.
+    let (status, h, body) = http_get(&server.url("/v2/hello/manifests/24.11"), &[ACCEPT]);
+    let (code, message) = registry_error(404, status, &h, &body);
+    assert_eq!(code, "MANIFEST_UNKNOWN");
+    assert!(message.contains("latest"), "{message}");
 
     let template = format!("file://{}/{{channel}}.tar.gz", mirror.path().display());
     let from_file = Server::start(&[
