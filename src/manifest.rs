@@ -128,12 +128,13 @@ struct Manifest<'a> {
     layers: Vec<Descriptor<'a>>,
 }
 
+/// A content descriptor as the OCI image spec orders its fields.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct Descriptor<'a> {
-    media_type: &'a str,
-    size: u64,
-    digest: &'a str,
+pub(crate) struct Descriptor<'a> {
+    pub media_type: &'a str,
+    pub size: u64,
+    pub digest: &'a str,
 }
 
 /// The manifest bytes for one format; `config_digest` and `config_size` describe the

@@ -5,6 +5,7 @@
 //! the timestamp comes from the caller, so the same build always gives the same SBOM
 //! digest and a rebuilt image does not gain a second SBOM.
 
+use crate::manifest::Descriptor;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
@@ -403,14 +404,6 @@ struct ArtifactManifest<'a> {
     layers: [Descriptor<'a>; 1],
     subject: Descriptor<'a>,
     annotations: Annotations<'a>,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor<'a> {
-    media_type: &'a str,
-    size: u64,
-    digest: &'a str,
 }
 
 #[derive(Serialize)]
