@@ -38,13 +38,15 @@ fn a_path_source_has_only_the_tag_latest() {
 }
 
 #[test]
-fn referrers_of_a_manifest_are_an_image_index_never_a_404() {
+fn referrers_are_an_image_index_never_a_404() {
     let server = Server::start(&[]);
     let (status, h, _) = http_get(&server.url("/v2/hello/manifests/latest"), &[ACCEPT]);
     assert_eq!(status, 200);
     let digest = h.get("docker-content-digest").unwrap().to_string();
 
-    let url = server.url(&format!("/v2/hello/referrers/{digest}"));
+    // A manifest nothing refers to: an empty index, 200, HEAD agreeing with GET.
+    let unknown = format!("sha256:{}", "0".repeat(64));
+    let url = server.url(&format!("/v2/hello/referrers/{unknown}"));
     let (status, h, body) = http_get(&url, &[]);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(
@@ -63,15 +65,20 @@ fn referrers_of_a_manifest_are_an_image_index_never_a_404() {
     assert_eq!(head_status, 200);
     assert_eq!(head.get("content-length"), h.get("content-length"));
 
-    let filtered = format!("{url}?artifactType=application%2Fspdx%2Bjson");
-    let (status, h, _) = http_get(&filtered, &[]);
+    // An image's manifest has its SBOM; a filter on another type leaves none and
+    // says it was applied.
+    let url = server.url(&format!("/v2/hello/referrers/{digest}"));
+    let (status, _, body) = http_get(&url, &[]);
+    assert_eq!(status, 200);
+    let index: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 1, "{index}");
+    let filtered = format!("{url}?artifactType=application%2Fx-other");
+    let (status, h, body) = http_get(&filtered, &[]);
     assert_eq!(status, 200);
     assert_eq!(h.get("oci-filters-applied"), Some("artifactType"));
+    let index: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(index["manifests"], serde_json::json!([]));
 
-    // An unknown manifest has no referrers either; a malformed digest is 400.
-    let unknown = format!("sha256:{}", "0".repeat(64));
-    let (status, _, _) = http_get(&server.url(&format!("/v2/hello/referrers/{unknown}")), &[]);
-    assert_eq!(status, 200);
     let (status, h, body) = http_get(&server.url("/v2/hello/referrers/sha256:xyz"), &[]);
     registry_error(400, status, &h, &body);
 }
