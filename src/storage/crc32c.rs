@@ -2,57 +2,11 @@
 //! our own over the bytes we sent catches corruption between the packer and the
 //! bucket before an object is published under a digest it would not match.
 
-const POLY: u32 = 0x82F6_3B78;
-
-/// Slice-by-8 tables: eight bytes per step keeps the checksum far below the cost of
-/// the gzip that produces the bytes.
-const TABLES: [[u32; 256]; 8] = tables();
-
-const fn tables() -> [[u32; 256]; 8] {
-    let mut t = [[0u32; 256]; 8];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 { (c >> 1) ^ POLY } else { c >> 1 };
-            k += 1;
-        }
-        t[0][i] = c;
-        i += 1;
-    }
-    let mut s = 1;
-    while s < 8 {
-        let mut i = 0;
-        while i < 256 {
-            let prev = t[s - 1][i];
-            t[s][i] = (prev >> 8) ^ t[0][(prev & 0xff) as usize];
-            i += 1;
-        }
-        s += 1;
-    }
-    t
-}
-
-/// Extends `crc` (0 for an empty input) over `data`.
+/// Extends `crc` (0 for an empty input) over `data`, with the CPU's CRC32
+/// instructions where it has them (the `crc32c` crate), so the checksum costs
+/// nothing next to the gzip that produces the bytes.
 pub fn update(crc: u32, data: &[u8]) -> u32 {
-    let mut c = !crc;
-    let mut chunks = data.chunks_exact(8);
-    for b in &mut chunks {
-        let lo = c ^ u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        c = TABLES[7][(lo & 0xff) as usize]
-            ^ TABLES[6][((lo >> 8) & 0xff) as usize]
-            ^ TABLES[5][((lo >> 16) & 0xff) as usize]
-            ^ TABLES[4][(lo >> 24) as usize]
-            ^ TABLES[3][b[4] as usize]
-            ^ TABLES[2][b[5] as usize]
-            ^ TABLES[1][b[6] as usize]
-            ^ TABLES[0][b[7] as usize];
-    }
-    for &b in chunks.remainder() {
-        c = (c >> 8) ^ TABLES[0][((c ^ b as u32) & 0xff) as usize];
-    }
-    !c
+    ::crc32c::crc32c_append(crc, data)
 }
 
 /// The form GCS reports it in: base64 of the big-endian value.
