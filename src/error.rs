@@ -189,6 +189,17 @@ impl From<BuildError> for RegistryError {
     }
 }
 
+/// Storage that cannot be reached is transient: the client may retry.
+impl From<crate::storage::StorageError> for RegistryError {
+    fn from(e: crate::storage::StorageError) -> Self {
+        RegistryError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            e.to_string(),
+        )
+    }
+}
+
 impl From<SourceError> for RegistryError {
     fn from(e: SourceError) -> Self {
         let (status, code) = match &e {

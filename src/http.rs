@@ -151,15 +151,7 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
                 // Storage can lose blobs (a bucket emptied or restored): a cached image
                 // is checked against it at most once per interval before it is served.
                 Some((image, false)) => {
-                    let stored = image_in_storage(&state.storage, &state.shared, &image)
-                        .await
-                        .map_err(|e| {
-                            RegistryError::new(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "UNAVAILABLE",
-                                e.to_string(),
-                            )
-                        })?;
+                    let stored = image_in_storage(&state.storage, &state.shared, &image).await?;
                     if stored {
                         state.shared.image_verified(&key);
                         Some(image)
@@ -214,13 +206,7 @@ async fn referrers(
     let known = match state.shared.referrers_of(digest) {
         Some(known) => known,
         None => {
-            let stored = load_referrers(&state.storage, digest).await.map_err(|e| {
-                RegistryError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UNAVAILABLE",
-                    e.to_string(),
-                )
-            })?;
+            let stored = load_referrers(&state.storage, digest).await?;
             state.shared.remember_referrers(&stored);
             stored
         }
@@ -262,28 +248,11 @@ async fn referrers(
 
 async fn stored_manifest(state: &AppState, digest: &Digest) -> Result<Bytes, RegistryError> {
     let unknown = || RegistryError::manifest_unknown(&digest.to_string());
-    let storage_error = |e| {
-        RegistryError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UNAVAILABLE",
-            format!("{e}"),
-        )
-    };
-    match state
-        .storage
-        .blob_size(digest)
-        .await
-        .map_err(storage_error)?
-    {
+    match state.storage.blob_size(digest).await? {
         Some(size) if size <= MAX_MANIFEST_BYTES => {}
         _ => return Err(unknown()),
     }
-    let bytes = state
-        .storage
-        .read_blob(digest)
-        .await
-        .map_err(storage_error)?
-        .ok_or_else(unknown)?;
+    let bytes = state.storage.read_blob(digest).await?.ok_or_else(unknown)?;
     if manifest::declared_media_type(&bytes).is_none() {
         return Err(unknown());
     }
@@ -310,21 +279,8 @@ async fn blob(
     state: &AppState,
     digest: Digest,
 ) -> Result<HttpResponse, RegistryError> {
-    let storage_error = |e| {
-        RegistryError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UNAVAILABLE",
-            format!("{e}"),
-        )
-    };
     if !state.shared.is_known_blob(&digest) {
-        if state
-            .storage
-            .blob_size(&digest)
-            .await
-            .map_err(storage_error)?
-            .is_none()
-        {
+        if state.storage.blob_size(&digest).await?.is_none() {
             return Err(RegistryError::blob_unknown(&digest.to_string()));
         }
         state.shared.remember_blob(&digest);
