@@ -153,11 +153,9 @@ impl NixWorker {
                     "build {label}: {program} failed; its output:\n{}",
                     nix::errors::sanitise(&stderr).trim_end()
                 );
-                if let Some(rev) = nix::errors::missing_git_revision(&stderr) {
-                    return BuildError::UnknownCommit(rev);
-                }
                 match self.summary(&stderr, system) {
                     Failure::Refused(line) => BuildError::Refused(line),
+                    Failure::UnknownRevision(rev) => BuildError::UnknownCommit(rev),
                     Failure::Failed(text) => failed(text),
                 }
             }
@@ -170,14 +168,12 @@ impl NixWorker {
                     "build {label}: {program} ran past {secs} s; its output:\n{}",
                     nix::errors::sanitise(&stderr).trim_end()
                 );
+                // A run stopped early may have nothing to say but that.
                 let tail = match self.summary(&stderr, system) {
-                    Failure::Refused(text) | Failure::Failed(text) => text,
-                };
-                // A run stopped early has nothing to say but that.
-                let tail = if tail.starts_with("Nix printed no error") {
-                    String::new()
-                } else {
-                    tail
+                    Failure::Failed(text) if text == nix::errors::NO_MESSAGE => String::new(),
+                    Failure::Refused(text)
+                    | Failure::Failed(text)
+                    | Failure::UnknownRevision(text) => text,
                 };
                 BuildError::Timeout { what, secs, tail }
             }

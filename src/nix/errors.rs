@@ -22,9 +22,17 @@ pub enum Failure {
     /// nixpkgs refused a package by its meta: one complete line naming the package,
     /// the reason and the registry setting that would allow it.
     Refused(String),
-    /// Anything else: at most a few lines (<= ~8 lines, <= ~1500 bytes), the cause first.
+    /// `builtins.fetchGit` found no such commit: the tag named none, which is a
+    /// 404 for the client, not a fault.
+    UnknownRevision(String),
+    /// Anything else: at most a few lines (<= ~8 lines, <= ~1500 bytes), the cause
+    /// first; [`NO_MESSAGE`] when Nix said nothing that explains it.
     Failed(String),
 }
+
+/// What [`summarise`] says when Nix's output holds no cause, e.g. a run the server
+/// stopped.
+pub const NO_MESSAGE: &str = "Nix printed no error message";
 
 const MAX_LINES: usize = 8;
 const MAX_BYTES: usize = 1500;
@@ -37,6 +45,9 @@ const MAX_CAUSES: usize = 3;
 /// The cause of a failed Nix call, as a client should see it: without server paths,
 /// store hashes, control bytes or advice that only applies to a NixOS machine.
 pub fn summarise(stderr: &[u8], ctx: &ErrorContext) -> Failure {
+    if let Some(rev) = missing_git_revision(stderr) {
+        return Failure::UnknownRevision(rev);
+    }
     let text = sanitise(stderr);
     if let Some(line) = refusal(&text, ctx.system) {
         return Failure::Refused(truncate(&hide_paths(&line, ctx.path_labels), MAX_BYTES));
@@ -62,14 +73,14 @@ pub fn summarise(stderr: &[u8], ctx: &ErrorContext) -> Failure {
         out.push_str(&line);
     }
     if out.is_empty() {
-        out = "Nix printed no error message".into();
+        out = NO_MESSAGE.into();
     }
     Failure::Failed(out)
 }
 
 /// The commit `builtins.fetchGit` could not find, when that is why evaluation
-/// failed: the tag named no commit of the repository, which is a 404, not a fault.
-pub fn missing_git_revision(stderr: &[u8]) -> Option<String> {
+/// failed.
+fn missing_git_revision(stderr: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(stderr);
     let start = text.find("Cannot find Git revision '")? + "Cannot find Git revision '".len();
     let rev = &text[start..start + text[start..].find('\'')?];
@@ -485,7 +496,8 @@ mod tests {
             system: "x86_64-linux",
         };
         let failure = summarise(stderr.as_bytes(), &ctx);
-        let (Failure::Refused(text) | Failure::Failed(text)) = &failure;
+        let (Failure::Refused(text) | Failure::Failed(text) | Failure::UnknownRevision(text)) =
+            &failure;
         assert!(!text.contains("/nix/store/"), "{text}");
         for (prefix, _) in &labels {
             assert!(!text.contains(prefix.as_str()), "{text}");
@@ -1044,5 +1056,9 @@ builder for 'bash-5.2.tar.gz.drv' failed with exit code 1\n\
             Some("0123456789abcdef0123456789abcdef01234567")
         );
         assert_eq!(missing_git_revision(b"error: attribute 'x' missing"), None);
+        assert_eq!(
+            summary(std::str::from_utf8(stderr).unwrap()),
+            Failure::UnknownRevision("0123456789abcdef0123456789abcdef01234567".into())
+        );
     }
 }
