@@ -5,6 +5,7 @@
 //! the timestamp comes from the caller, so the same build always gives the same SBOM
 //! digest and a rebuilt image does not gain a second SBOM.
 
+use crate::layers::store_path_name;
 use crate::manifest::Descriptor;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -226,7 +227,7 @@ pub fn spdx_json(input: &SbomInput) -> Vec<u8> {
 }
 
 fn package<'a>(info: &PathInfo<'a>, requested: Option<&[&TopLevel<'a>]>) -> Package<'a> {
-    let store_name = store_name(info.path);
+    let store_name = store_path_name(info.path);
     let (name, version) = parse_drv_name(store_name);
     // SPDX and purl both need a name; "-1" parses to an empty one.
     let name = if name.is_empty() { store_name } else { name };
@@ -285,12 +286,6 @@ pub fn parse_drv_name(store_name: &str) -> (&str, &str) {
         Some(i) => (&store_name[..i], &store_name[i + 1..]),
         None => (store_name, ""),
     }
-}
-
-/// The store path's name without `/nix/store/<hash>-`.
-pub fn store_name(path: &str) -> &str {
-    let base = base_name(path);
-    base.split_once('-').map_or(base, |(_, name)| name)
 }
 
 fn base_name(path: &str) -> &str {
@@ -580,8 +575,6 @@ mod tests {
         for (full, name, version) in cases {
             assert_eq!(parse_drv_name(full), (name, version), "{full}");
         }
-        assert_eq!(store_name(HELLO), "hello-2.12.1");
-        assert_eq!(store_name("/nix/store/abc"), "abc");
     }
 
     #[test]

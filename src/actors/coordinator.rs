@@ -573,7 +573,7 @@ async fn build(
 ) -> Result<Arc<BuiltImage>, BuildError> {
     let shared = &c.shared;
     let pinned = source.pinned;
-    let label = format!("{} [{}]", request.display_name(), &key[..12]);
+    let label = build_label(request, key);
     if pinned {
         if let Some(image) = load_image(c, RecordKind::Pinned, key).await? {
             shared.stats.cache_hit("pinned");
@@ -650,6 +650,11 @@ async fn build(
     result
 }
 
+/// How the log names a build: the image and the start of its key.
+fn build_label(request: &ImageRequest, key: &str) -> String {
+    format!("{} [{}]", request.display_name(), &key[..12])
+}
+
 /// Answers with an image assembled earlier, remembering it for a pinned request.
 async fn reuse(
     c: &BuildContext,
@@ -683,7 +688,7 @@ async fn assemble(
     let closure = c
         .workers
         .send(Realise {
-            label: format!("{} [{}]", request.display_name(), &key[..12]),
+            label: build_label(request, key),
             system: request.arch.nix_system(),
             evaluation: evaluation.clone(),
             progress: {
