@@ -1,11 +1,12 @@
 //! Which version of the package set a pull gets, known without evaluating it.
 //!
 //! A warm pull must not run Nix, yet an edit of the package set must be seen. So
-//! every source has a cheap version: a path source the fingerprint of its files
-//! (refreshed by a watcher every `source.watch_interval_secs`), a git branch the
-//! commit it pointed at when last asked (at most every `source.ref_ttl_secs`), a
-//! commit itself. The version is part of the request key, so a new version is a
-//! new evaluation and an unchanged one is answered from memory.
+//! every source has a cheap version: a path source a count of the changes inotify
+//! reported (or, where it cannot watch, the fingerprint of its files every
+//! `source.watch_interval_secs`), a git branch the commit it pointed at when last
+//! asked (at most every `source.ref_ttl_secs`), a commit itself. The version is part
+//! of the request key, so a new version is a new evaluation and an unchanged one is
+//! answered from memory.
 
 use crate::config::{PackageSource, Settings};
 use crate::nix::{NixpkgsConfig, SourceArgs};
