@@ -7,6 +7,8 @@
 pub mod crc32c;
 pub mod filesystem;
 pub mod gcs;
+#[cfg(test)]
+pub mod memory;
 pub mod stream;
 
 use crate::reference::Digest;
@@ -135,6 +137,9 @@ pub enum BlobLocation {
 pub enum Storage {
     Filesystem(filesystem::FsStorage),
     Gcs(gcs::GcsStorage),
+    /// Objects in memory, for unit tests.
+    #[cfg(test)]
+    Memory(memory::MemStorage),
 }
 
 impl Storage {
@@ -142,6 +147,8 @@ impl Storage {
         match self {
             Storage::Filesystem(_) => "filesystem",
             Storage::Gcs(_) => "gcs",
+            #[cfg(test)]
+            Storage::Memory(_) => "memory",
         }
     }
 
@@ -151,6 +158,8 @@ impl Storage {
         match self {
             Storage::Filesystem(_) => filesystem::STREAM_CHUNK,
             Storage::Gcs(s) => s.chunk(),
+            #[cfg(test)]
+            Storage::Memory(_) => memory::STREAM_CHUNK,
         }
     }
 
@@ -159,6 +168,8 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.blob_size(digest).await,
             Storage::Gcs(s) => s.blob_size(digest).await,
+            #[cfg(test)]
+            Storage::Memory(s) => s.blob_size(digest).await,
         }
     }
 
@@ -173,6 +184,8 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.put_blob_stream(pieces).await,
             Storage::Gcs(s) => s.put_blob_stream(pieces, media_type).await,
+            #[cfg(test)]
+            Storage::Memory(s) => s.put_blob_stream(pieces).await,
         }
     }
 
@@ -186,6 +199,8 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.put_blob_bytes(digest, bytes).await,
             Storage::Gcs(s) => s.put_blob_bytes(digest, bytes, media_type).await,
+            #[cfg(test)]
+            Storage::Memory(s) => s.put_blob_bytes(digest, bytes).await,
         }
     }
 
@@ -194,6 +209,8 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.read_object(&blob_object(digest)).await,
             Storage::Gcs(s) => s.read_object(&blob_object(digest)).await,
+            #[cfg(test)]
+            Storage::Memory(s) => s.read_object(&blob_object(digest)).await,
         }
     }
 
@@ -206,6 +223,8 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.read_object(&object).await,
             Storage::Gcs(s) => s.read_object(&object).await,
+            #[cfg(test)]
+            Storage::Memory(s) => s.read_object(&object).await,
         }
     }
 
@@ -219,6 +238,8 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.write_object(&object, bytes).await,
             Storage::Gcs(s) => s.write_object(&object, bytes, "application/json").await,
+            #[cfg(test)]
+            Storage::Memory(s) => s.write_object(&object, bytes).await,
         }
     }
 
@@ -231,6 +252,8 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.create_object_if_absent(object, bytes).await,
             Storage::Gcs(s) => s.create_object_if_absent(object, bytes).await,
+            #[cfg(test)]
+            Storage::Memory(s) => s.create_object_if_absent(object, bytes).await,
         }
     }
 
@@ -238,6 +261,8 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.read_object(object).await,
             Storage::Gcs(s) => s.read_object(object).await,
+            #[cfg(test)]
+            Storage::Memory(s) => s.read_object(object).await,
         }
     }
 
@@ -246,6 +271,8 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.delete_object(object).await,
             Storage::Gcs(s) => s.delete_object(object).await,
+            #[cfg(test)]
+            Storage::Memory(s) => s.delete_object(object).await,
         }
     }
 
@@ -318,6 +345,8 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => &s.held_leases,
             Storage::Gcs(s) => &s.held_leases,
+            #[cfg(test)]
+            Storage::Memory(s) => &s.held_leases,
         }
     }
 
@@ -326,6 +355,12 @@ impl Storage {
             Storage::Filesystem(s) => BlobLocation::File(s.object_path(&blob_object(digest))),
             Storage::Gcs(s) => BlobLocation::Object {
                 bucket: s.bucket().to_string(),
+                object: blob_object(digest),
+            },
+            // Nothing serves this bucket: a test that needs a blob's bytes reads them.
+            #[cfg(test)]
+            Storage::Memory(_) => BlobLocation::Object {
+                bucket: memory::BUCKET.to_string(),
                 object: blob_object(digest),
             },
         }
