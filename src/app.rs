@@ -2,7 +2,7 @@
 //! that can be wrong with the configuration or the environment is found here and
 //! reported as one line before the server accepts a request.
 
-use crate::actors::coordinator::{BuildContext, BuildCoordinator, SharedState};
+use crate::actors::coordinator::BuildCoordinator;
 use crate::actors::nix_worker::NixWorker;
 use crate::actors::signer::SignerActor;
 use crate::actors::upload::UploadActor;
@@ -10,8 +10,10 @@ use crate::config::{PackageSource, Settings};
 use crate::http::{self, AppState};
 use crate::layers::{LayerParams, Popularity};
 use crate::nix::{self, NixOptions};
+use crate::pipeline::{BuildContext, ImageSettings};
 use crate::signing::ServiceAccountKey;
 use crate::source::Sources;
+use crate::state::SharedState;
 use crate::storage::{filesystem::FsStorage, gcs::GcsStorage, Storage};
 use actix::prelude::*;
 use actix_web::{middleware, web, App, HttpServer};
@@ -94,21 +96,24 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     )
     .start();
     let shared = Arc::new(SharedState::default());
-    let context = Arc::new(BuildContext::new(
-        nix_workers,
-        uploader,
-        storage.clone(),
+    let image_settings = ImageSettings {
         popularity,
         popularity_id,
-        LayerParams {
+        params: LayerParams {
             budget: settings.layers.budget,
             popularity_threshold: settings.layers.popularity_threshold,
             size_threshold: settings.layers.size_threshold,
         },
-        settings.layers.gzip_level,
-        settings.limits.max_image_bytes,
+        gzip_level: settings.layers.gzip_level,
+        max_image_bytes: settings.limits.max_image_bytes,
         // A build holds its lease at most as long as Nix may run, plus packing.
-        Duration::from_secs(settings.nix.timeout_secs + 300),
+        lease_ttl: Duration::from_secs(settings.nix.timeout_secs + 300),
+    };
+    let context = Arc::new(BuildContext::new(
+        Arc::new(nix_workers),
+        uploader,
+        storage.clone(),
+        image_settings,
         shared.clone(),
     ));
     // The coordinator and the builds it spawns get a thread of their own, away from
@@ -129,6 +134,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         sources,
         verify_interval: Duration::from_secs(settings.storage.verify_interval_secs),
         limits: settings.limits.clone(),
+        systems: settings.systems().map_err(|e| e.to_string())?,
     });
     let mut server = HttpServer::new(move || {
         App::new()

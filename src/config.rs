@@ -3,6 +3,7 @@
 //!
 //! Pure after `load`: nothing else in the program reads the environment.
 
+use crate::image::Arch;
 use serde::Deserialize;
 use std::collections::HashMap;
 
@@ -96,6 +97,7 @@ pub struct NixSettings {
     pub trusted_public_keys: String,
     pub connect_timeout_secs: u64,
     pub stalled_download_timeout_secs: u64,
+    pub systems: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -232,6 +234,7 @@ impl Settings {
                 "connect_timeout_secs and stalled_download_timeout_secs must be at least 1",
             );
         }
+        self.systems()?;
         if self.limits.max_packages == 0 || self.limits.max_name_length == 0 {
             return err(
                 "limits",
@@ -269,6 +272,36 @@ impl Settings {
                 "source: more than one package source; set only one of NIXERY_CHANNEL, NIXERY_PKGS_REPO, NIXERY_PKGS_PATH".into(),
             )),
         }
+    }
+
+    /// The platforms images are built for, sorted and unique; empty `nix.systems`
+    /// means the host's own.
+    pub fn systems(&self) -> Result<Vec<Arch>, ConfigError> {
+        let mut archs = Vec::new();
+        for system in self.nix.systems.split([' ', ',', '\t', '\n']) {
+            if system.is_empty() {
+                continue;
+            }
+            let arch = Arch::from_nix_system(system).ok_or_else(|| {
+                let known: Vec<&str> = Arch::ALL.iter().map(|a| a.nix_system()).collect();
+                ConfigError(format!(
+                    "nix.systems: {system:?} is not a system this registry serves ({})",
+                    known.join(", ")
+                ))
+            })?;
+            archs.push(arch);
+        }
+        if archs.is_empty() {
+            archs.push(Arch::host().ok_or_else(|| {
+                ConfigError(format!(
+                    "nix.systems: this host ({}) is no platform the registry serves; name the systems to build for",
+                    std::env::consts::ARCH
+                ))
+            })?);
+        }
+        archs.sort();
+        archs.dedup();
+        Ok(archs)
     }
 
     /// Nix worker count, with 0 meaning one per CPU.
@@ -361,5 +394,28 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("source.nixpkgs_config"), "{e}");
+    }
+
+    #[test]
+    fn systems_are_a_space_separated_list_defaulting_to_the_host() {
+        let base = [("NIXERY_PKGS_PATH", "/pkgs")];
+        let d = Settings::load(&env(&base)).unwrap();
+        assert_eq!(d.systems().unwrap(), vec![Arch::host().unwrap()]);
+        let both = Settings::load(&env(&[
+            base[0],
+            (
+                "NIXERY_NIX__SYSTEMS",
+                "aarch64-linux x86_64-linux aarch64-linux",
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(both.systems().unwrap(), vec![Arch::Amd64, Arch::Arm64]);
+        let e = Settings::load(&env(&[base[0], ("NIXERY_NIX__SYSTEMS", "s390x-linux")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("nix.systems") && e.contains("s390x-linux"),
+            "{e}"
+        );
     }
 }

@@ -42,6 +42,27 @@ pub enum BuildError {
     Storage(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// One platform of an index failed; the index cannot be served.
+    #[error("{platform} ({system}) cannot be built: {cause}")]
+    Platform {
+        platform: String,
+        system: &'static str,
+        cause: Box<BuildError>,
+    },
+}
+
+impl BuildError {
+    /// Faults of storage or of the registry itself, which the next request retries
+    /// rather than being answered from the failure cache.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BuildError::Storage(_) | BuildError::Internal(_) | BuildError::Overloaded { .. } => {
+                true
+            }
+            BuildError::Platform { cause, .. } => cause.is_transient(),
+            _ => false,
+        }
+    }
 }
 
 fn tail_suffix(tail: &str) -> String {
@@ -167,6 +188,12 @@ impl From<ImageError> for RegistryError {
 impl From<BuildError> for RegistryError {
     fn from(e: BuildError) -> Self {
         let message = e.to_string();
+        if let BuildError::Platform { cause, .. } = e {
+            // The status of the platform's failure, the message naming the platform.
+            let mut err = RegistryError::from(*cause);
+            err.message = message;
+            return err;
+        }
         let (status, code) = match &e {
             BuildError::NotFound(_) | BuildError::NotPackages(_) | BuildError::UnknownCommit(_) => {
                 (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN")
@@ -183,7 +210,10 @@ impl From<BuildError> for RegistryError {
                 return err;
             }
             BuildError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
-            BuildError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+            // Platform failures returned above, with their cause's status.
+            BuildError::Internal(_) | BuildError::Platform { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN")
+            }
         };
         RegistryError::new(status, code, message)
     }
@@ -265,5 +295,19 @@ mod tests {
         assert!(b.contains("DIGEST_INVALID"));
         let (s, _, _) = body(BuildError::Storage("down".into()).into());
         assert_eq!(s, 503);
+        let platform = BuildError::Platform {
+            platform: "linux/arm64/v8".into(),
+            system: "aarch64-linux",
+            cause: Box::new(BuildError::BuildFailed("no builder".into())),
+        };
+        assert!(!platform.is_transient());
+        let (s, b, _) = body(platform.into());
+        assert_eq!(s, 400);
+        assert!(
+            b.contains(
+                "linux/arm64/v8 (aarch64-linux) cannot be built: Nix build failed: no builder"
+            ),
+            "{b}"
+        );
     }
 }

@@ -2,16 +2,17 @@
 //! build status as JSON. Handlers parse, ask the caches or the actors, and shape
 //! responses; GET and HEAD share every code path so their headers always agree.
 
-use crate::actors::coordinator::{
-    image_in_storage, load_referrers, request_key, BuildCoordinator, GetImage, SharedState,
-};
+use crate::actors::coordinator::{BuildCoordinator, GetImage, Target};
 use crate::actors::signer::{BlobAccess, LocateBlob, SignerActor};
 use crate::config::Limits;
 use crate::error::RegistryError;
-use crate::image::ImageRequest;
+use crate::image::{Arch, ImageRequest};
 use crate::manifest::{self, ManifestFormat};
+use crate::pipeline::{self, image_in_storage, load_referrers, Job};
 use crate::reference::{parse_route, Digest, Reference, Route};
+use crate::source::ResolvedSource;
 use crate::source::Sources;
+use crate::state::SharedState;
 use crate::storage::Storage;
 use crate::tags;
 use actix::Addr;
@@ -34,6 +35,47 @@ pub struct AppState {
     /// How long storage is trusted to keep a cached image's blobs.
     pub verify_interval: std::time::Duration,
     pub limits: Limits,
+    /// The platforms images are built for, sorted; more than one means indexes.
+    pub systems: Vec<Arch>,
+}
+
+impl AppState {
+    /// The platform of a name without a prefix when no index is served: the host's
+    /// if it is configured.
+    fn default_arch(&self) -> Arch {
+        Arch::host()
+            .filter(|h| self.systems.contains(h))
+            .or_else(|| self.systems.first().copied())
+            .unwrap_or(Arch::Amd64)
+    }
+
+    /// What a manifest request by tag asks the coordinator for: an index when the
+    /// name picks no platform, several are served and the client reads indexes;
+    /// otherwise one platform's image.
+    fn build_target(
+        &self,
+        request: &ImageRequest,
+        source: &ResolvedSource,
+        index: Option<ManifestFormat>,
+    ) -> GetImage {
+        match (request.arch, index) {
+            (None, Some(_)) if self.systems.len() > 1 => GetImage {
+                key: pipeline::index_key(request, source, &self.systems),
+                name: request.display_name(),
+                target: Target::Index(
+                    self.systems
+                        .iter()
+                        .map(|a| Job::new(request, *a, source))
+                        .collect(),
+                ),
+            },
+            (arch, _) => GetImage::image(Job::new(
+                request,
+                arch.unwrap_or(self.default_arch()),
+                source,
+            )),
+        }
+    }
 }
 
 /// The route table, shared by `main` and the tests.
@@ -140,12 +182,14 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
         } => {
             let request = ImageRequest::from_name(&name, state.limits.max_packages)?;
             let source = state.sources.resolve(&tag).await?;
-            let format = ManifestFormat::negotiate(
+            let accept = || {
                 req.headers()
                     .get_all(header::ACCEPT)
-                    .filter_map(|v| v.to_str().ok()),
-            );
-            let key = request_key(&request, &source);
+                    .filter_map(|v| v.to_str().ok())
+            };
+            let index = ManifestFormat::negotiate_index(accept());
+            let get = state.build_target(&request, &source, index);
+            let key = get.key.clone();
             let cached = match state.shared.cached_image(&key, state.verify_interval) {
                 Some((image, true)) => Some(image),
                 // Storage can lose blobs (a bucket emptied or restored): a cached image
@@ -165,20 +209,19 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
             };
             let image = match cached {
                 Some(image) => image,
-                None => {
-                    state
-                        .coordinator
-                        .send(GetImage {
-                            key,
-                            request,
-                            source,
-                        })
-                        .await??
-                }
+                None => state.coordinator.send(get).await??,
             };
             state.sources.served(&tag);
+            let format = match (image.children.is_empty(), index) {
+                (false, Some(index)) => index,
+                _ => ManifestFormat::negotiate(accept()),
+            };
             let m = image.manifest(format);
-            Ok(manifest_response(format, &m.digest, m.bytes.clone()))
+            Ok(manifest_response(
+                image.media_type(format),
+                &m.digest,
+                m.bytes.clone(),
+            ))
         }
         Route::Manifest {
             reference: Reference::Digest(digest),
@@ -188,9 +231,9 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
                 Some(bytes) => bytes,
                 None => stored_manifest(state, &digest).await?,
             };
-            let format = manifest::declared_media_type(&bytes)
+            let media_type = manifest::declared_media_type(&bytes)
                 .ok_or_else(|| RegistryError::manifest_unknown(&digest.to_string()))?;
-            Ok(manifest_response(format, &digest, bytes))
+            Ok(manifest_response(media_type, &digest, bytes))
         }
         Route::Blob { digest, .. } => blob(req, state, digest).await,
     }
@@ -262,10 +305,10 @@ async fn stored_manifest(state: &AppState, digest: &Digest) -> Result<Bytes, Reg
     Ok(bytes)
 }
 
-fn manifest_response(format: ManifestFormat, digest: &Digest, bytes: Bytes) -> HttpResponse {
+fn manifest_response(media_type: &'static str, digest: &Digest, bytes: Bytes) -> HttpResponse {
     let mut response = HttpResponse::Ok();
     response
-        .insert_header((header::CONTENT_TYPE, format.media_type()))
+        .insert_header((header::CONTENT_TYPE, media_type))
         .insert_header(("Docker-Content-Digest", digest.to_string()))
         .insert_header(("Docker-Distribution-API-Version", "registry/2.0"))
         .insert_header((header::ETAG, format!("\"{digest}\"")));

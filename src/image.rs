@@ -1,5 +1,5 @@
 //! From a repository name to the image it stands for: the sorted, de-duplicated
-//! package list and the target architecture.
+//! package list and the target architecture, if the name picks one.
 //!
 //! Pure: no I/O, no actix. The name has already passed the OCI grammar
 //! (`reference::parse_route`), so components hold only `[a-z0-9._-]`.
@@ -22,11 +22,28 @@ pub enum Arch {
 }
 
 impl Arch {
+    /// Every architecture the registry can serve, in the order image indexes list them.
+    pub const ALL: [Arch; 2] = [Arch::Amd64, Arch::Arm64];
+
     /// The Nix system string the packages are built for.
     pub fn nix_system(self) -> &'static str {
         match self {
             Arch::Amd64 => "x86_64-linux",
             Arch::Arm64 => "aarch64-linux",
+        }
+    }
+
+    /// The architecture of a Nix system string, if the registry serves it.
+    pub fn from_nix_system(system: &str) -> Option<Arch> {
+        Arch::ALL.into_iter().find(|a| a.nix_system() == system)
+    }
+
+    /// The architecture this server runs on, as the platform it serves by default.
+    pub fn host() -> Option<Arch> {
+        match std::env::consts::ARCH {
+            "x86_64" => Some(Arch::Amd64),
+            "aarch64" => Some(Arch::Arm64),
+            _ => None,
         }
     }
 
@@ -37,6 +54,28 @@ impl Arch {
             Arch::Arm64 => "arm64",
         }
     }
+
+    /// The CPU variant an image index names, as clients match it (`v8` for arm64,
+    /// which containerd normalises every arm64 platform to).
+    pub fn variant(self) -> Option<&'static str> {
+        match self {
+            Arch::Amd64 => None,
+            Arch::Arm64 => Some("v8"),
+        }
+    }
+
+    /// `linux/arm64/v8`, as clients name platforms.
+    pub fn platform(self) -> String {
+        match self.variant() {
+            Some(v) => format!("linux/{}/{v}", self.oci()),
+            None => format!("linux/{}", self.oci()),
+        }
+    }
+
+    /// The name component that selects this architecture.
+    fn from_prefix(component: &str) -> Option<Arch> {
+        Arch::ALL.into_iter().find(|a| a.oci() == component)
+    }
 }
 
 /// What one repository name asks for.
@@ -44,7 +83,9 @@ impl Arch {
 pub struct ImageRequest {
     /// Attribute paths in the package set, sorted and unique.
     pub packages: Vec<String>,
-    pub arch: Arch,
+    /// The architecture a prefix (`arm64/`, `amd64/`) picked; None asks for every
+    /// platform the registry serves.
+    pub arch: Option<Arch>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,11 +95,11 @@ pub enum ImageError {
 }
 
 impl ImageRequest {
-    /// Meta-packages (`shell`, `arm64`) count only in the leading run of components,
+    /// Meta-packages (`shell`, `arm64`, `amd64`) count only in the leading run of components,
     /// so `htop/shell` asks for a package called `shell`, as users of other Nixery
     /// instances expect.
     pub fn from_name(name: &str, max_packages: usize) -> Result<Self, ImageError> {
-        let mut arch = Arch::Amd64;
+        let mut arch = None;
         let mut packages: Vec<String> = Vec::new();
         let mut leading = true;
         for component in name.split('/') {
@@ -68,11 +109,13 @@ impl ImageRequest {
                         packages.extend(SHELL_PACKAGES.iter().map(|p| p.to_string()));
                         continue;
                     }
-                    "arm64" => {
-                        arch = Arch::Arm64;
-                        continue;
-                    }
-                    _ => leading = false,
+                    other => match Arch::from_prefix(other) {
+                        Some(a) => {
+                            arch = Some(a);
+                            continue;
+                        }
+                        None => leading = false,
+                    },
                 }
             }
             packages.push(component.to_string());
@@ -97,11 +140,25 @@ impl ImageRequest {
             .collect()
     }
 
-    /// A readable name for logs and the build page: `arm64/git/htop`.
+    /// The same packages for one architecture.
+    pub fn for_arch(&self, arch: Arch) -> ImageRequest {
+        ImageRequest {
+            packages: self.packages.clone(),
+            arch: Some(arch),
+        }
+    }
+
+    /// The architecture of a single-platform request.
+    pub fn arch_or(&self, default: Arch) -> Arch {
+        self.arch.unwrap_or(default)
+    }
+
+    /// A readable name for logs and the build page: `arm64/git/htop`. amd64 goes
+    /// unnamed, as it did before the registry served more than one platform.
     pub fn display_name(&self) -> String {
         let mut parts = Vec::new();
-        if self.arch == Arch::Arm64 {
-            parts.push("arm64".to_string());
+        if let Some(a) = self.arch.filter(|a| *a != Arch::Amd64) {
+            parts.push(a.oci().to_string());
         }
         parts.extend(self.packages.iter().cloned());
         if parts.is_empty() {
@@ -143,17 +200,33 @@ mod tests {
     #[test]
     fn arm64_selects_the_architecture() {
         let r = ImageRequest::from_name("arm64/shell/htop", 64).unwrap();
-        assert_eq!(r.arch, Arch::Arm64);
-        assert_eq!(r.arch.nix_system(), "aarch64-linux");
+        assert_eq!(r.arch, Some(Arch::Arm64));
+        assert_eq!(r.arch_or(Arch::Amd64).nix_system(), "aarch64-linux");
         let s = ImageRequest::from_name("shell/arm64/htop", 64).unwrap();
         assert_eq!(r, s);
         let only = ImageRequest::from_name("arm64", 64).unwrap();
         assert!(only.packages.is_empty());
-        assert_eq!(only.arch, Arch::Arm64);
+        assert_eq!(only.arch, Some(Arch::Arm64));
         assert_eq!(
             ImageRequest::from_name("htop/arm64", 64).unwrap().arch,
-            Arch::Amd64
+            None
         );
+        let amd = ImageRequest::from_name("amd64/htop", 64).unwrap();
+        assert_eq!(amd.arch, Some(Arch::Amd64));
+        assert_eq!(amd.display_name(), "htop");
+        assert_eq!(
+            r.display_name(),
+            "arm64/bashInteractive/coreutils/htop/moreutils/nano"
+        );
+        assert_eq!(ImageRequest::from_name("htop", 64).unwrap().arch, None);
+    }
+
+    #[test]
+    fn platforms_as_clients_name_them() {
+        assert_eq!(Arch::Arm64.platform(), "linux/arm64/v8");
+        assert_eq!(Arch::Amd64.platform(), "linux/amd64");
+        assert_eq!(Arch::from_nix_system("aarch64-linux"), Some(Arch::Arm64));
+        assert_eq!(Arch::from_nix_system("s390x-linux"), None);
     }
 
     #[test]

@@ -1,12 +1,16 @@
 //! Nixery: a container registry that builds images on demand from Nix packages.
 //!
-//! Dependencies point one way: `http` → `actors` → `storage` and Nix; the pure
-//! modules (`reference`, `image`, `manifest`, `layers`, `archive`, `nix`, `signing`,
+//! Dependencies point one way: `http` → `actors` (the coordinator deduplicates
+//! builds) → `pipeline` (the steps of a build, run on the NixWorker and UploadActor
+//! actors) → `storage` and Nix; `state` holds what the HTTP handlers read without
+//! asking an actor. The pure modules
+//! (`reference`, `image`, `manifest`, `layers`, `archive`, `nix`, `signing`,
 //! `config`, `error`) import no actor, HTTP server or storage code.
 
 pub mod actors;
 pub mod app;
 pub mod archive;
+pub mod built;
 pub mod config;
 pub mod error;
 pub mod http;
@@ -16,10 +20,12 @@ pub mod manifest;
 pub mod metrics;
 pub mod nix;
 pub mod pargzip;
+pub mod pipeline;
 pub mod process;
 pub mod reference;
 pub mod sbom;
 pub mod signing;
 pub mod source;
+pub mod state;
 pub mod storage;
 pub mod tags;

@@ -1,5 +1,6 @@
-//! Image config and manifest bytes, their digests, and the choice between the Docker
-//! schema 2 and OCI manifest formats from a request's `Accept` header lines.
+//! Image config, manifest and index bytes, their digests, and the choice between the
+//! Docker schema 2 and OCI formats (and whether an index is wanted at all) from a
+//! request's `Accept` header lines.
 //!
 //! Pure: no I/O, no actix. Output bytes depend only on the inputs (struct field
 //! order fixes the JSON key order), so the same image always has the same digests.
@@ -14,6 +15,7 @@ pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// Which manifest format a response carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,11 +32,34 @@ impl ManifestFormat {
         }
     }
 
-    pub fn from_media_type(media_type: &str) -> Option<Self> {
-        match media_type {
-            DOCKER_MANIFEST => Some(ManifestFormat::Docker),
-            OCI_MANIFEST => Some(ManifestFormat::Oci),
-            _ => None,
+    /// The media type of an index in this format: a Docker manifest list names
+    /// Docker manifests, an OCI index OCI manifests.
+    pub fn index_media_type(self) -> &'static str {
+        match self {
+            ManifestFormat::Docker => DOCKER_MANIFEST_LIST,
+            ManifestFormat::Oci => OCI_INDEX,
+        }
+    }
+
+    /// Whether the request's `Accept` lines take an index, and in which format:
+    /// the Docker manifest list when Docker manifests are accepted with it (every
+    /// Docker-speaking client reads it), else the OCI index. None when no index type
+    /// is named: such a client gets a single platform's manifest.
+    pub fn negotiate_index<'a>(accept_lines: impl IntoIterator<Item = &'a str>) -> Option<Self> {
+        let mut named = Vec::new();
+        for line in accept_lines {
+            for item in line.split(',') {
+                let media = item.split(';').next().unwrap_or("").trim();
+                named.push(media.to_ascii_lowercase());
+            }
+        }
+        let has = |t: &str| named.iter().any(|n| n == t);
+        if has(DOCKER_MANIFEST_LIST) && has(DOCKER_MANIFEST) {
+            Some(ManifestFormat::Docker)
+        } else if has(OCI_INDEX) {
+            Some(ManifestFormat::Oci)
+        } else {
+            None
         }
     }
 
@@ -170,15 +195,83 @@ pub fn manifest_bytes(
     serde_json::to_vec(&manifest).expect("manifest serialises")
 }
 
-/// The media type a stored manifest declares, for serving it by digest.
-pub fn declared_media_type(bytes: &[u8]) -> Option<ManifestFormat> {
+/// One image of an index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub arch: Arch,
+    /// Digest and size of the image's manifest in the index's format.
+    pub digest: String,
+    pub size: u64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Index<'a> {
+    schema_version: u32,
+    media_type: &'a str,
+    manifests: Vec<IndexDescriptor<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IndexDescriptor<'a> {
+    media_type: &'a str,
+    size: u64,
+    digest: &'a str,
+    platform: Platform<'a>,
+}
+
+#[derive(Serialize)]
+struct Platform<'a> {
+    architecture: &'a str,
+    os: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    variant: Option<&'a str>,
+}
+
+/// The index bytes for one format, naming each image by its manifest in that format.
+/// Entries are listed by architecture, so the bytes do not depend on the order in
+/// which the platforms were configured or built.
+pub fn index_bytes(format: ManifestFormat, entries: &[IndexEntry]) -> Vec<u8> {
+    let mut sorted: Vec<&IndexEntry> = entries.iter().collect();
+    sorted.sort_by_key(|e| e.arch);
+    let index = Index {
+        schema_version: 2,
+        media_type: format.index_media_type(),
+        manifests: sorted
+            .into_iter()
+            .map(|e| IndexDescriptor {
+                media_type: format.media_type(),
+                size: e.size,
+                digest: &e.digest,
+                platform: Platform {
+                    architecture: e.arch.oci(),
+                    os: "linux",
+                    variant: e.arch.variant(),
+                },
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&index).expect("index serialises")
+}
+
+/// The media type a stored manifest or index declares, for serving it by digest.
+pub fn declared_media_type(bytes: &[u8]) -> Option<&'static str> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Head {
         media_type: Option<String>,
     }
     let head: Head = serde_json::from_slice(bytes).ok()?;
-    ManifestFormat::from_media_type(head.media_type.as_deref()?)
+    let declared = head.media_type?;
+    [
+        DOCKER_MANIFEST,
+        OCI_MANIFEST,
+        DOCKER_MANIFEST_LIST,
+        OCI_INDEX,
+    ]
+    .into_iter()
+    .find(|t| *t == declared)
 }
 
 #[cfg(test)]
@@ -237,10 +330,7 @@ mod tests {
             c = "c".repeat(64)
         );
         assert_eq!(got, want);
-        assert_eq!(
-            declared_media_type(got.as_bytes()),
-            Some(ManifestFormat::Docker)
-        );
+        assert_eq!(declared_media_type(got.as_bytes()), Some(DOCKER_MANIFEST));
     }
 
     #[test]
@@ -248,7 +338,7 @@ mod tests {
         let bytes = manifest_bytes(ManifestFormat::Oci, "sha256:x", 1, &layers());
         let s = String::from_utf8(bytes.clone()).unwrap();
         assert!(s.contains(OCI_CONFIG) && s.contains(OCI_LAYER) && !s.contains("docker"));
-        assert_eq!(declared_media_type(&bytes), Some(ManifestFormat::Oci));
+        assert_eq!(declared_media_type(&bytes), Some(OCI_MANIFEST));
         assert_eq!(
             bytes,
             manifest_bytes(ManifestFormat::Oci, "sha256:x", 1, &layers())
@@ -278,6 +368,77 @@ mod tests {
         for (lines, want) in cases {
             assert_eq!(
                 ManifestFormat::negotiate(lines.iter().copied()),
+                want,
+                "{lines:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn index_bytes_are_exact_and_sorted_by_architecture() {
+        let entries = [
+            IndexEntry {
+                arch: Arch::Arm64,
+                digest: format!("sha256:{}", "2".repeat(64)),
+                size: 200,
+            },
+            IndexEntry {
+                arch: Arch::Amd64,
+                digest: format!("sha256:{}", "1".repeat(64)),
+                size: 100,
+            },
+        ];
+        let got = String::from_utf8(index_bytes(ManifestFormat::Oci, &entries)).unwrap();
+        let want = format!(
+            concat!(
+                r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":["#,
+                r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","size":100,"digest":"sha256:{one}","platform":{{"architecture":"amd64","os":"linux"}}}},"#,
+                r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","size":200,"digest":"sha256:{two}","platform":{{"architecture":"arm64","os":"linux","variant":"v8"}}}}]}}"#
+            ),
+            one = "1".repeat(64),
+            two = "2".repeat(64)
+        );
+        assert_eq!(got, want);
+        assert_eq!(declared_media_type(got.as_bytes()), Some(OCI_INDEX));
+        let reversed: Vec<IndexEntry> = entries.iter().rev().cloned().collect();
+        assert_eq!(
+            index_bytes(ManifestFormat::Oci, &reversed),
+            got.into_bytes()
+        );
+        let docker = String::from_utf8(index_bytes(ManifestFormat::Docker, &entries)).unwrap();
+        assert!(docker.starts_with(
+            r#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.list.v2+json","manifests":[{"mediaType":"application/vnd.docker.distribution.manifest.v2+json","#
+        ));
+        assert_eq!(
+            declared_media_type(docker.as_bytes()),
+            Some(DOCKER_MANIFEST_LIST)
+        );
+    }
+
+    #[test]
+    fn index_negotiation() {
+        use ManifestFormat::*;
+        // What docker, podman/skopeo and containerd send: every type.
+        let all = format!("{DOCKER_MANIFEST}, {DOCKER_MANIFEST_LIST}, {OCI_MANIFEST}, {OCI_INDEX}");
+        let cases: Vec<(Vec<&str>, Option<ManifestFormat>)> = vec![
+            (vec![], None),
+            (vec!["*/*"], None),
+            (vec![DOCKER_MANIFEST], None),
+            (vec![OCI_MANIFEST, DOCKER_MANIFEST], None),
+            (vec![&all], Some(Docker)),
+            (vec![DOCKER_MANIFEST, DOCKER_MANIFEST_LIST], Some(Docker)),
+            (vec![OCI_MANIFEST, OCI_INDEX], Some(Oci)),
+            (vec![OCI_INDEX], Some(Oci)),
+            // A Docker list whose Docker manifests the client would not read.
+            (
+                vec![DOCKER_MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX],
+                Some(Oci),
+            ),
+            (vec![DOCKER_MANIFEST_LIST], None),
+        ];
+        for (lines, want) in cases {
+            assert_eq!(
+                ManifestFormat::negotiate_index(lines.iter().copied()),
                 want,
                 "{lines:?}"
             );

@@ -257,33 +257,38 @@ impl Handler<Pack> for NixWorker {
     type Result = Result<PackedLayer, BuildError>;
 
     fn handle(&mut self, msg: Pack, _: &mut Self::Context) -> Self::Result {
-        let started = Instant::now();
-        let level = self.gzip_level;
-        let (sink, summary, symlinks) = match &msg.contents {
-            LayerContents::Store(paths) => {
-                archive::write_store_layer(Path::new("/"), paths, level, msg.sink)
-                    .map(|(w, s)| (w, s, None))
-            }
-            LayerContents::Symlinks(packages) => {
-                archive::write_symlink_layer(packages, level, msg.sink)
-                    .map(|(w, s, info)| (w, s, Some(info)))
-            }
-        }
-        .map_err(|e| BuildError::Internal(format!("packing layer: {e}")))?;
-        let digest = Digest::parse(&summary.digest)
-            .map_err(|e| BuildError::Internal(format!("layer digest {}: {e}", summary.digest)))?;
-        sink.finish(digest.clone(), summary.size)
-            .map_err(|e| BuildError::Internal(format!("packing layer: {e}")))?;
-        log::info!(
-            "packed layer {} ({} bytes) in {} ms",
-            summary.digest,
-            summary.size,
-            started.elapsed().as_millis()
-        );
-        Ok(PackedLayer {
-            summary,
-            digest,
-            symlinks,
-        })
+        pack_layer(msg, self.gzip_level)
     }
+}
+
+/// Writes a layer into the job's sink and ends the blob with its digest; blocks on
+/// compression and on storage taking the chunks.
+pub fn pack_layer(job: Pack, level: u32) -> Result<PackedLayer, BuildError> {
+    let started = Instant::now();
+    let (sink, summary, symlinks) = match &job.contents {
+        LayerContents::Store(paths) => {
+            archive::write_store_layer(Path::new("/"), paths, level, job.sink)
+                .map(|(w, s)| (w, s, None))
+        }
+        LayerContents::Symlinks(packages) => {
+            archive::write_symlink_layer(packages, level, job.sink)
+                .map(|(w, s, info)| (w, s, Some(info)))
+        }
+    }
+    .map_err(|e| BuildError::Internal(format!("packing layer: {e}")))?;
+    let digest = Digest::parse(&summary.digest)
+        .map_err(|e| BuildError::Internal(format!("layer digest {}: {e}", summary.digest)))?;
+    sink.finish(digest.clone(), summary.size)
+        .map_err(|e| BuildError::Internal(format!("packing layer: {e}")))?;
+    log::info!(
+        "packed layer {} ({} bytes) in {} ms",
+        summary.digest,
+        summary.size,
+        started.elapsed().as_millis()
+    );
+    Ok(PackedLayer {
+        summary,
+        digest,
+        symlinks,
+    })
 }

@@ -1,0 +1,416 @@
+//! The build pipeline: from a request to stored blobs and manifests.
+//!
+//! One platform's image goes evaluate → realise → plan layers → pack and store →
+//! assemble manifests (with the SBOM), reusing whatever a step finds already done:
+//! a pinned record skips everything, known top-level paths skip realising, a stored
+//! layer is not packed again. An index is assembled from the images of every
+//! platform, which the coordinator builds (and deduplicates) one by one.
+//!
+//! Each step is a function whose inputs and outputs are in its signature; Nix and
+//! the packer are reached through [`NixRunner`], so the tests run the pipeline with a
+//! fake Nix and in-memory storage. Deduplication of whole builds, the queue and the
+//! failure cache belong to the coordinator, not here.
+
+#[cfg(test)]
+pub(crate) mod fake;
+mod records;
+mod store;
+#[cfg(test)]
+mod tests;
+
+pub use records::{image_in_storage, load_referrers};
+
+use crate::actors::nix_worker::{Evaluate, LayerContents, NixWorker, Pack, PackedLayer, Realise};
+use crate::actors::upload::UploadActor;
+use crate::built::BuiltImage;
+use crate::error::BuildError;
+use crate::image::{Arch, ImageRequest};
+use crate::layers::{self, LayerParams, LayerPlan, Popularity, StorePathInfo};
+use crate::manifest::{self, IndexEntry, LayerEntry, ManifestFormat, RuntimeConfig};
+use crate::nix::Evaluation;
+use crate::source::ResolvedSource;
+use crate::state::SharedState;
+use crate::storage::{RecordKind, Storage};
+use actix::prelude::*;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use records::LayerRecord;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use store::PendingLayer;
+
+/// Bumped whenever layer or manifest bytes change for the same inputs, so records
+/// written by an older version are never mistaken for current ones.
+const FORMAT_VERSION: &str = "nixery-v2";
+
+/// What the pipeline asks of Nix and of the packer.
+pub trait NixRunner: Send + Sync + 'static {
+    fn evaluate(&self, job: Evaluate) -> BoxFuture<'static, Result<Evaluation, BuildError>>;
+    fn realise(&self, job: Realise) -> BoxFuture<'static, Result<Vec<StorePathInfo>, BuildError>>;
+    fn pack(&self, job: Pack) -> BoxFuture<'static, Result<PackedLayer, BuildError>>;
+}
+
+/// The NixWorker pool: each job waits for a free worker.
+impl NixRunner for Addr<NixWorker> {
+    fn evaluate(&self, job: Evaluate) -> BoxFuture<'static, Result<Evaluation, BuildError>> {
+        let sent = self.send(job);
+        Box::pin(async move { sent.await.map_err(mailbox)? })
+    }
+
+    fn realise(&self, job: Realise) -> BoxFuture<'static, Result<Vec<StorePathInfo>, BuildError>> {
+        let sent = self.send(job);
+        Box::pin(async move { sent.await.map_err(mailbox)? })
+    }
+
+    fn pack(&self, job: Pack) -> BoxFuture<'static, Result<PackedLayer, BuildError>> {
+        let sent = self.send(job);
+        Box::pin(async move { sent.await.map_err(mailbox)? })
+    }
+}
+
+/// How images are laid out and limited: every setting that changes an image's bytes
+/// or decides whether it is built.
+#[derive(Clone)]
+pub struct ImageSettings {
+    pub popularity: Popularity,
+    /// Digest of the popularity data, part of every cache key it influences.
+    pub popularity_id: String,
+    pub params: LayerParams,
+    pub gzip_level: u32,
+    pub max_image_bytes: u64,
+    pub lease_ttl: Duration,
+}
+
+/// Everything a build needs; shared by all builds.
+pub struct BuildContext {
+    pub nix: Arc<dyn NixRunner>,
+    pub uploader: Addr<UploadActor>,
+    pub storage: Arc<Storage>,
+    pub settings: ImageSettings,
+    pub shared: Arc<SharedState>,
+    layers: Mutex<HashMap<String, LayerRecord>>,
+    layer_builds: Mutex<HashMap<String, PendingLayer>>,
+    images: Mutex<HashMap<String, Arc<BuiltImage>>>,
+}
+
+impl BuildContext {
+    pub fn new(
+        nix: Arc<dyn NixRunner>,
+        uploader: Addr<UploadActor>,
+        storage: Arc<Storage>,
+        settings: ImageSettings,
+        shared: Arc<SharedState>,
+    ) -> Self {
+        BuildContext {
+            nix,
+            uploader,
+            storage,
+            settings,
+            shared,
+            layers: Mutex::default(),
+            layer_builds: Mutex::default(),
+            images: Mutex::default(),
+        }
+    }
+}
+
+/// One platform's image to build.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The request key: the build page and pinned records know the build by it.
+    pub key: String,
+    pub request: ImageRequest,
+    pub arch: Arch,
+    pub source: ResolvedSource,
+}
+
+impl Job {
+    pub fn new(request: &ImageRequest, arch: Arch, source: &ResolvedSource) -> Job {
+        let request = request.for_arch(arch);
+        Job {
+            key: request_key(&request, source),
+            request,
+            arch,
+            source: source.clone(),
+        }
+    }
+
+    /// How the log names the build: the image and the start of its key.
+    pub fn label(&self) -> String {
+        format!("{} [{}]", self.request.display_name(), &self.key[..12])
+    }
+}
+
+/// The key of a request: everything that selects the image's contents.
+pub fn request_key(request: &ImageRequest, source: &ResolvedSource) -> String {
+    let material = (
+        FORMAT_VERSION,
+        request,
+        &source.args,
+        &source.version,
+        &source.config,
+    );
+    sha256_hex(&serde_json::to_vec(&material).expect("keys serialise"))
+}
+
+/// The key of an index request: the request of every platform it names.
+pub fn index_key(request: &ImageRequest, source: &ResolvedSource, archs: &[Arch]) -> String {
+    let children: Vec<String> = archs
+        .iter()
+        .map(|a| request_key(&request.for_arch(*a), source))
+        .collect();
+    sha256_hex(&serde_json::to_vec(&("index", children)).expect("keys serialise"))
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
+}
+
+/// One platform's image, the whole pipeline.
+pub async fn build_image(c: &Arc<BuildContext>, job: &Job) -> Result<Arc<BuiltImage>, BuildError> {
+    if job.source.pinned {
+        if let Some(image) = records::load_image(c, RecordKind::Pinned, &job.key).await? {
+            c.shared.stats.cache_hit("pinned");
+            return Ok(image);
+        }
+    }
+    let evaluation = evaluate(c, job).await?;
+    let image_key = image_key(&c.settings, job, &evaluation);
+    if let Some(image) = records::known_image(c, &image_key).await? {
+        let how = "top-level paths known, image reused without building";
+        return reuse(c, job, image, how).await;
+    }
+    // Replicas on the same storage build each image once: the lease holder builds,
+    // the others wait for its record.
+    if let Some(image) = records::take_lease(c, job, &image_key).await? {
+        return reuse(c, job, image, "built by another replica").await;
+    }
+    let built = async {
+        let tally = Tally::default();
+        let closure = realise(c, job, &evaluation).await?;
+        let plans = plan_layers(&c.settings, &evaluation, &closure)?;
+        let mut layers = store::store_layers(c, job, &plans, &closure, &tally).await?;
+        let (top, runtime) = store::symlink_layer(c, &evaluation, &tally).await?;
+        layers.push(top);
+        let image = assemble(c, job, &evaluation, &closure, &layers, &runtime, &tally).await?;
+        records::store_image(c, job, &image_key, &image).await?;
+        Ok(image)
+    }
+    .await;
+    records::release_lease(c, &image_key).await;
+    built
+}
+
+/// An index naming the image of every platform, in both formats.
+pub async fn build_index(
+    c: &BuildContext,
+    children: Vec<(Arch, Arc<BuiltImage>)>,
+) -> Result<Arc<BuiltImage>, BuildError> {
+    let mut manifests = Vec::with_capacity(2);
+    for format in [ManifestFormat::Docker, ManifestFormat::Oci] {
+        let entries: Vec<IndexEntry> = children
+            .iter()
+            .map(|(arch, image)| {
+                let m = image.manifest(format);
+                IndexEntry {
+                    arch: *arch,
+                    digest: m.digest.to_string(),
+                    size: m.bytes.len() as u64,
+                }
+            })
+            .collect();
+        let bytes = Bytes::from(manifest::index_bytes(format, &entries));
+        let tally = Tally::default();
+        manifests.push(store::put_manifest(c, bytes, format.index_media_type(), &tally).await?);
+    }
+    let oci = manifests.pop().expect("two indexes");
+    let docker = manifests.pop().expect("two indexes");
+    let mut children = children;
+    children.sort_by_key(|(arch, _)| *arch);
+    Ok(Arc::new(BuiltImage {
+        docker,
+        oci,
+        referrers: Vec::new(),
+        children: children.into_iter().map(|(_, image)| image).collect(),
+    }))
+}
+
+/// Step 1: the packages' derivations and output paths, or which names are unknown.
+async fn evaluate(c: &BuildContext, job: &Job) -> Result<Evaluation, BuildError> {
+    c.shared.enter_phase(&job.key, "evaluating");
+    c.shared.stats.nix_evaluations.inc();
+    let evaluation = c
+        .nix
+        .evaluate(Evaluate {
+            label: job.label(),
+            source: job.source.args.clone(),
+            system: job.arch.nix_system(),
+            packages: job.request.packages.clone(),
+            optional: job.request.optional_packages(),
+        })
+        .await?;
+    if !evaluation.missing.is_empty() {
+        return Err(BuildError::NotFound(evaluation.missing));
+    }
+    if !evaluation.not_packages.is_empty() {
+        return Err(BuildError::NotPackages(evaluation.not_packages));
+    }
+    Ok(evaluation)
+}
+
+/// Step 2: the packages built or substituted, and their runtime closure.
+async fn realise(
+    c: &Arc<BuildContext>,
+    job: &Job,
+    evaluation: &Evaluation,
+) -> Result<Vec<StorePathInfo>, BuildError> {
+    c.shared.enter_phase(&job.key, "building");
+    c.shared.stats.nix_realisations.inc();
+    let shared = c.shared.clone();
+    let key = job.key.clone();
+    c.nix
+        .realise(Realise {
+            label: job.label(),
+            system: job.arch.nix_system(),
+            evaluation: evaluation.clone(),
+            progress: Box::new(move |phase| shared.update(&key, |p| p.phase = phase)),
+        })
+        .await
+}
+
+/// Step 3: which store paths go into which layer; refuses an image over the limit.
+fn plan_layers(
+    settings: &ImageSettings,
+    evaluation: &Evaluation,
+    closure: &[StorePathInfo],
+) -> Result<Vec<LayerPlan>, BuildError> {
+    let total: u64 = closure.iter().map(|p| p.nar_size).sum();
+    if settings.max_image_bytes > 0 && total > settings.max_image_bytes {
+        return Err(BuildError::TooLarge {
+            size: total,
+            max: settings.max_image_bytes,
+        });
+    }
+    Ok(layers::group_layers(
+        &evaluation.output_paths(),
+        closure,
+        &settings.popularity,
+        &settings.params,
+    ))
+}
+
+/// Step 5: the config and both manifests over the stored layers, and the SBOM
+/// attached to them.
+async fn assemble(
+    c: &BuildContext,
+    job: &Job,
+    evaluation: &Evaluation,
+    closure: &[StorePathInfo],
+    layers: &[LayerEntry],
+    runtime: &RuntimeConfig,
+    tally: &Tally,
+) -> Result<Arc<BuiltImage>, BuildError> {
+    let config = Bytes::from(manifest::config_blob(job.arch, layers, runtime));
+    let config_digest = store::put_blob(c, config.clone(), manifest::DOCKER_CONFIG, tally).await?;
+    let mut manifests = Vec::with_capacity(2);
+    for format in [ManifestFormat::Docker, ManifestFormat::Oci] {
+        let bytes = Bytes::from(manifest::manifest_bytes(
+            format,
+            &config_digest.to_string(),
+            config.len() as u64,
+            layers,
+        ));
+        manifests.push(store::put_manifest(c, bytes, format.media_type(), tally).await?);
+    }
+    let oci = manifests.pop().expect("two manifests");
+    let docker = manifests.pop().expect("two manifests");
+    let referrers = store::attach_sbom(c, job, evaluation, closure, [&docker, &oci], tally).await?;
+    log::info!(
+        "build {}: {} layers reused, {} layers built, {} bytes uploaded, image {} bytes",
+        job.label(),
+        tally.reused.load(Ordering::Relaxed),
+        tally.built.load(Ordering::Relaxed),
+        tally.uploaded.load(Ordering::Relaxed),
+        layers.iter().map(|e| e.size).sum::<u64>() + config.len() as u64,
+    );
+    Ok(Arc::new(BuiltImage {
+        docker,
+        oci,
+        referrers,
+        children: Vec::new(),
+    }))
+}
+
+/// What one build did, for its log line; steps that run side by side add to it.
+#[derive(Default)]
+pub(crate) struct Tally {
+    reused: AtomicU64,
+    built: AtomicU64,
+    uploaded: AtomicU64,
+}
+
+impl Tally {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Answers with an image assembled earlier, remembering it for a pinned request.
+async fn reuse(
+    c: &BuildContext,
+    job: &Job,
+    image: Arc<BuiltImage>,
+    how: &str,
+) -> Result<Arc<BuiltImage>, BuildError> {
+    c.shared.stats.cache_hit("image");
+    log::info!("build {}: {how}", job.label());
+    if job.source.pinned {
+        records::store_record(c, RecordKind::Pinned, &job.key, &image).await?;
+    }
+    Ok(image)
+}
+
+/// The key of an assembled image: its top-level store paths and every setting that
+/// changes its bytes.
+fn image_key(settings: &ImageSettings, job: &Job, evaluation: &Evaluation) -> String {
+    let material = serde_json::json!({
+        "version": FORMAT_VERSION,
+        "nixpkgs_config": job.source.config,
+        "arch": job.arch,
+        "paths": evaluation.output_paths(),
+        "budget": settings.params.budget,
+        "popularity_threshold": settings.params.popularity_threshold,
+        "size_threshold": settings.params.size_threshold,
+        "popularity": settings.popularity_id,
+        "gzip_level": settings.gzip_level,
+    });
+    sha256_hex(material.to_string().as_bytes())
+}
+
+fn layer_key(paths: &[String], gzip_level: u32) -> String {
+    sha256_hex(&serde_json::to_vec(&(FORMAT_VERSION, gzip_level, paths)).expect("keys serialise"))
+}
+
+fn mailbox(e: MailboxError) -> BuildError {
+    BuildError::Internal(format!("worker unavailable: {e}"))
+}
+
+/// The packages whose files the symlink layer links to, in request order, unique.
+fn top_level_packages(evaluation: &Evaluation) -> Vec<PathBuf> {
+    let mut packages: Vec<PathBuf> = Vec::new();
+    for p in &evaluation.packages {
+        let path = PathBuf::from(&p.path);
+        if !packages.contains(&path) {
+            packages.push(path);
+        }
+    }
+    packages
+}
+
+/// The contents of a store-path layer.
+fn store_contents(plan: &LayerPlan) -> LayerContents {
+    LayerContents::Store(plan.paths.iter().map(PathBuf::from).collect())
+}

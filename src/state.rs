@@ -1,0 +1,242 @@
+//! State shared by the HTTP handlers and the builds, read without going through an
+//! actor: images by request key, manifests and artifacts by digest, blobs known to
+//! be stored, the metrics, and what the build page shows.
+
+use crate::built::{BuiltImage, Referrer};
+use crate::metrics::Metrics;
+use crate::reference::Digest;
+use bytes::Bytes;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// A build in progress, for the status page.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildProgress {
+    pub image: String,
+    pub phase: String,
+    #[serde(skip)]
+    pub started: Instant,
+    pub elapsed_secs: f64,
+    pub layers_done: usize,
+    pub layers_total: usize,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// A failed build, for the status page.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecentFailure {
+    pub image: String,
+    pub message: String,
+    pub unix_time: u64,
+}
+
+/// A built image by request key, and when storage was last seen to hold its blobs.
+struct TagEntry {
+    image: Arc<BuiltImage>,
+    verified: Instant,
+}
+
+/// Tag cache entries kept at most; past that the cache starts over. Keys change
+/// with the source version, so old entries are only ever dead weight.
+const MAX_TAG_ENTRIES: usize = 100_000;
+
+/// State shared with the HTTP handlers, read without going through the actor.
+#[derive(Default)]
+pub struct SharedState {
+    tags: RwLock<HashMap<String, TagEntry>>,
+    manifests: RwLock<HashMap<Digest, Bytes>>,
+    referrers: RwLock<HashMap<Digest, Vec<Referrer>>>,
+    known_blobs: RwLock<std::collections::HashSet<Digest>>,
+    pub stats: Metrics,
+    progress: Mutex<BTreeMap<String, BuildProgress>>,
+    failures: Mutex<Vec<RecentFailure>>,
+}
+
+impl SharedState {
+    /// The image built for a request key, and whether storage was seen to hold
+    /// its blobs within `verify_interval`. The key holds the source's version, so
+    /// the image itself never goes stale; only storage can lose it.
+    pub fn cached_image(
+        &self,
+        key: &str,
+        verify_interval: Duration,
+    ) -> Option<(Arc<BuiltImage>, bool)> {
+        let tags = self.tags.read().expect("tag cache lock");
+        let entry = tags.get(key)?;
+        self.stats.cache_hit("tag");
+        Some((
+            entry.image.clone(),
+            entry.verified.elapsed() < verify_interval,
+        ))
+    }
+
+    /// After storage was seen to hold the image's blobs.
+    pub fn image_verified(&self, key: &str) {
+        if let Some(entry) = self.tags.write().expect("tag cache lock").get_mut(key) {
+            entry.verified = Instant::now();
+        }
+    }
+
+    /// After storage lost a blob of the image: the next request builds it again.
+    pub fn forget_image(&self, key: &str) {
+        self.tags.write().expect("tag cache lock").remove(key);
+    }
+
+    /// A manifest by digest, from memory.
+    pub fn manifest_by_digest(&self, digest: &Digest) -> Option<Bytes> {
+        self.manifests
+            .read()
+            .expect("manifest cache lock")
+            .get(digest)
+            .cloned()
+    }
+
+    /// The artifacts known to name `subject`, if any were seen by this process.
+    pub fn referrers_of(&self, subject: &Digest) -> Option<Vec<Referrer>> {
+        self.referrers
+            .read()
+            .expect("referrers lock")
+            .get(subject)
+            .cloned()
+    }
+
+    /// Remembers artifacts by subject, and their manifests by digest.
+    pub fn remember_referrers(&self, referrers: &[Referrer]) {
+        let mut map = self.referrers.write().expect("referrers lock");
+        for r in referrers {
+            let list = map.entry(r.subject.clone()).or_default();
+            if !list.iter().any(|k| k.manifest.digest == r.manifest.digest) {
+                list.push(r.clone());
+                list.sort_by_key(|r| r.manifest.digest.to_string());
+            }
+            self.remember_manifest(r.manifest.digest.clone(), r.manifest.bytes.clone());
+        }
+    }
+
+    pub fn remember_manifest(&self, digest: Digest, bytes: Bytes) {
+        self.manifests
+            .write()
+            .expect("manifest cache lock")
+            .insert(digest, bytes);
+    }
+
+    /// Whether the blob is known to be stored, so a blob request needs no storage
+    /// round trip. Blobs are never deleted by the registry.
+    pub fn is_known_blob(&self, digest: &Digest) -> bool {
+        self.known_blobs
+            .read()
+            .expect("known blobs lock")
+            .contains(digest)
+    }
+
+    pub fn remember_blob(&self, digest: &Digest) {
+        if !self.is_known_blob(digest) {
+            self.known_blobs
+                .write()
+                .expect("known blobs lock")
+                .insert(digest.clone());
+        }
+    }
+
+    pub fn forget_blob(&self, digest: &Digest) {
+        self.known_blobs
+            .write()
+            .expect("known blobs lock")
+            .remove(digest);
+    }
+
+    pub fn builds(&self) -> Vec<BuildProgress> {
+        let now = Instant::now();
+        self.progress
+            .lock()
+            .expect("progress lock")
+            .values()
+            .map(|p| {
+                let mut p = p.clone();
+                p.elapsed_secs = now.duration_since(p.started).as_secs_f64();
+                p
+            })
+            .collect()
+    }
+
+    pub fn recent_failures(&self) -> Vec<RecentFailure> {
+        self.failures.lock().expect("failures lock").clone()
+    }
+
+    /// A build starts: the build page shows it as queued.
+    pub fn begin_build(&self, key: &str, image: String) {
+        self.progress.lock().expect("progress lock").insert(
+            key.to_string(),
+            BuildProgress {
+                image,
+                phase: "queued".into(),
+                started: Instant::now(),
+                elapsed_secs: 0.0,
+                layers_done: 0,
+                layers_total: 0,
+                bytes_done: 0,
+                bytes_total: 0,
+            },
+        );
+    }
+
+    /// A build ends: it leaves the build page.
+    pub fn end_build(&self, key: &str) -> Option<BuildProgress> {
+        self.progress.lock().expect("progress lock").remove(key)
+    }
+
+    /// A built image, served by request key and its manifests by digest from now on.
+    pub fn remember_image(&self, key: &str, image: &Arc<BuiltImage>) {
+        for m in [&image.docker, &image.oci] {
+            self.remember_manifest(m.digest.clone(), m.bytes.clone());
+        }
+        self.remember_referrers(&image.referrers);
+        let mut tags = self.tags.write().expect("tag cache lock");
+        if tags.len() >= MAX_TAG_ENTRIES {
+            tags.clear();
+        }
+        tags.insert(
+            key.to_string(),
+            TagEntry {
+                image: image.clone(),
+                verified: Instant::now(),
+            },
+        );
+    }
+
+    /// A failed build, for the build page: the newest 20 are kept.
+    pub fn record_failure(&self, image: String, message: String) {
+        let mut failures = self.failures.lock().expect("failures lock");
+        failures.insert(
+            0,
+            RecentFailure {
+                image,
+                message,
+                unix_time: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            },
+        );
+        failures.truncate(20);
+    }
+
+    /// Moves a build to a new phase, with a log line so the build can be followed.
+    pub fn enter_phase(&self, key: &str, phase: &str) {
+        self.update(key, |p| {
+            if p.phase != phase {
+                log::info!("build {} [{}]: {phase}", p.image, &key[..12]);
+                p.phase = phase.to_string();
+            }
+        });
+    }
+
+    pub fn update(&self, key: &str, f: impl FnOnce(&mut BuildProgress)) {
+        if let Some(p) = self.progress.lock().expect("progress lock").get_mut(key) {
+            f(p);
+        }
+    }
+}
