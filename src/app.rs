@@ -6,15 +6,18 @@ use crate::actors::coordinator::BuildCoordinator;
 use crate::actors::nix_worker::NixWorker;
 use crate::actors::signer::SignerActor;
 use crate::actors::upload::UploadActor;
+use crate::auth::Auth;
 use crate::config::{PackageSource, Settings};
 use crate::http::{self, AppState};
 use crate::layers::{LayerParams, Popularity};
+use crate::limits::Limits;
 use crate::nix::{self, NixOptions};
 use crate::pipeline::{BuildContext, ImageSettings};
 use crate::signing::ServiceAccountKey;
 use crate::source::Sources;
 use crate::state::SharedState;
 use crate::storage::{filesystem::FsStorage, gcs::GcsStorage, Storage};
+use crate::tls::ReloadingCert;
 use actix::prelude::*;
 use actix_web::{middleware, web, App, HttpServer};
 use std::path::{Path, PathBuf};
@@ -36,6 +39,26 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             )?),
         });
     let (popularity, popularity_id) = load_popularity(&settings.layers.popularity_url).await?;
+    let auth = Auth::from_settings(&settings.auth)?.map(Arc::new);
+    let metrics_token = match settings.auth.metrics_token.as_str() {
+        "" => None,
+        path => {
+            let token = std::fs::read_to_string(path)
+                .map_err(|e| format!("auth.metrics_token {path}: {e}"))?;
+            Some(token.trim().to_string()).filter(|t| !t.is_empty())
+        }
+    };
+    let tls = match settings.server.tls_cert.as_str() {
+        "" => None,
+        cert => Some(ReloadingCert::open(
+            cert.into(),
+            settings.server.tls_key.clone().into(),
+        )?),
+    };
+    let limits = Arc::new(Limits::new(
+        settings.limits.pulls_per_minute,
+        settings.limits.builds_per_hour,
+    ));
     let (expr_file, home) = write_expression()?;
     let signing_key = match (storage.name(), settings.storage.credentials.as_str()) {
         ("gcs", path) if !path.is_empty() => {
@@ -115,6 +138,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         storage.clone(),
         image_settings,
         shared.clone(),
+        limits.clone(),
     ));
     // The coordinator and the builds it spawns get a thread of their own, away from
     // the HTTP workers.
@@ -135,7 +159,21 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         verify_interval: Duration::from_secs(settings.storage.verify_interval_secs),
         limits: settings.limits.clone(),
         systems: settings.systems().map_err(|e| e.to_string())?,
+        auth,
+        rate_limits: limits.clone(),
+        metrics_token,
+        metrics_here: settings.server.metrics_listen.is_empty(),
     });
+    {
+        let limits = limits.clone();
+        actix_web::rt::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                limits.forget_idle();
+            }
+        });
+    }
+    let metrics_state = state.clone();
     let mut server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
@@ -153,20 +191,45 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     if settings.server.http_workers > 0 {
         server = server.workers(settings.server.http_workers);
     }
-    let server = server
-        .bind((settings.server.listen.as_str(), settings.server.port))
-        .map_err(|e| {
-            format!(
-                "server.listen/server.port (NIXERY_LISTEN/PORT) {}:{}: {e}",
-                settings.server.listen, settings.server.port
+    let addr = (settings.server.listen.as_str(), settings.server.port);
+    let bind_error = |e: std::io::Error| {
+        format!(
+            "server.listen/server.port (NIXERY_LISTEN/PORT) {}:{}: {e}",
+            settings.server.listen, settings.server.port
+        )
+    };
+    let (server, scheme) = match &tls {
+        Some(cert) => {
+            let config = cert.server_config()?;
+            cert.watch();
+            (
+                server.bind_rustls_0_23(addr, config).map_err(bind_error)?,
+                "https",
             )
-        })?;
+        }
+        None => (server.bind(addr).map_err(bind_error)?, "http"),
+    };
     for addr in server.addrs() {
         log::info!(
-            "listening on http://{addr} ({} storage, source {:?}, {workers} Nix workers)",
+            "listening on {scheme}://{addr} ({} storage, source {:?}, {workers} Nix workers)",
             storage.name(),
             source
         );
+    }
+    if !settings.server.metrics_listen.is_empty() {
+        let listen = settings.server.metrics_listen.clone();
+        let metrics = HttpServer::new(move || {
+            App::new()
+                .app_data(metrics_state.clone())
+                .configure(http::configure_metrics)
+        })
+        .workers(1)
+        .bind(&listen)
+        .map_err(|e| format!("server.metrics_listen {listen}: {e}"))?;
+        for addr in metrics.addrs() {
+            log::info!("metrics on http://{addr}/metrics");
+        }
+        actix_web::rt::spawn(metrics.run());
     }
     let result = server.run().await.map_err(|e| e.to_string());
     coordinator_arbiter.stop();

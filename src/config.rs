@@ -35,6 +35,19 @@ pub struct Settings {
     pub nix: NixSettings,
     pub layers: LayerSettings,
     pub limits: Limits,
+    pub auth: AuthSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub htpasswd: String,
+    pub token_key: String,
+    pub anonymous: String,
+    pub service: String,
+    pub token_ttl_secs: u64,
+    pub realm: String,
+    pub metrics_token: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -47,6 +60,9 @@ pub struct Server {
     pub client_request_timeout_secs: u64,
     pub keep_alive_secs: u64,
     pub max_connections: usize,
+    pub tls_cert: String,
+    pub tls_key: String,
+    pub metrics_listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -117,6 +133,8 @@ pub struct Limits {
     pub max_packages: usize,
     pub max_header_bytes: usize,
     pub max_image_bytes: u64,
+    pub pulls_per_minute: u32,
+    pub builds_per_hour: u32,
 }
 
 /// The package set images are built from, and how a tag selects its version.
@@ -235,6 +253,15 @@ impl Settings {
             );
         }
         self.systems()?;
+        if self.server.tls_cert.is_empty() != self.server.tls_key.is_empty() {
+            return err(
+                "server.tls_cert and server.tls_key",
+                "set both (PEM files) or neither",
+            );
+        }
+        if self.auth.token_ttl_secs < 60 {
+            return err("auth.token_ttl_secs", "must be at least 60");
+        }
         if self.limits.max_packages == 0 || self.limits.max_name_length == 0 {
             return err(
                 "limits",

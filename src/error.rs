@@ -42,6 +42,13 @@ pub enum BuildError {
     Storage(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The caller may not have new images built (anonymous under `auth.anonymous =
+    /// pull`).
+    #[error("{0} is not built yet, and building needs a login: docker login (or podman login) with a user of this registry")]
+    LoginRequired(String),
+    /// The caller's allowance of new builds is spent.
+    #[error("{}", .0.message())]
+    BuildLimit(crate::limits::Exceeded),
     /// One platform of an index failed; the index cannot be served.
     #[error("{platform} ({system}) cannot be built: {cause}")]
     Platform {
@@ -52,8 +59,9 @@ pub enum BuildError {
 }
 
 impl BuildError {
-    /// Faults of storage or of the registry itself, which the next request retries
-    /// rather than being answered from the failure cache.
+    /// Faults of storage or of the registry itself, and refusals that depend on the
+    /// caller, which the next request retries rather than being answered from the
+    /// failure cache.
     pub fn is_transient(&self) -> bool {
         match self {
             BuildError::Storage(_) | BuildError::Internal(_) | BuildError::Overloaded { .. } => {
@@ -80,6 +88,8 @@ pub struct RegistryError {
     pub code: &'static str,
     pub message: String,
     pub retry_after_secs: Option<u64>,
+    /// Further headers: the authentication challenge, rate-limit state.
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl RegistryError {
@@ -89,7 +99,22 @@ impl RegistryError {
             code,
             message: message.into(),
             retry_after_secs: None,
+            headers: Vec::new(),
         }
+    }
+
+    /// 401 with the challenge a client answers by fetching credentials.
+    pub fn unauthorized(message: impl Into<String>, challenge: String) -> Self {
+        let mut e = Self::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message);
+        e.headers.push(("WWW-Authenticate", challenge));
+        e
+    }
+
+    /// 429 telling the client when to come back.
+    pub fn too_many(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", message);
+        e.retry_after_secs = Some(retry_after_secs.max(1));
+        e
     }
 
     pub fn blob_unknown(digest: &str) -> Self {
@@ -160,6 +185,9 @@ impl ResponseError for RegistryError {
         if let Some(secs) = self.retry_after_secs {
             response.insert_header((header::RETRY_AFTER, secs.to_string()));
         }
+        for (name, value) in &self.headers {
+            response.insert_header((*name, value.as_str()));
+        }
         response.body(body)
     }
 }
@@ -207,6 +235,12 @@ impl From<BuildError> for RegistryError {
                 let mut err =
                     RegistryError::new(StatusCode::TOO_MANY_REQUESTS, "TOOMANYREQUESTS", message);
                 err.retry_after_secs = Some(*retry_after_secs);
+                return err;
+            }
+            BuildError::LoginRequired(_) => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+            BuildError::BuildLimit(exceeded) => {
+                let mut err = RegistryError::too_many(message, exceeded.retry_after_secs);
+                err.headers.extend(exceeded.headers());
                 return err;
             }
             BuildError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),

@@ -4,11 +4,13 @@
 
 use crate::actors::coordinator::{BuildCoordinator, GetImage, Target};
 use crate::actors::signer::{BlobAccess, LocateBlob, SignerActor};
+use crate::auth::{self, Auth, Caller, Credentials, Denied};
 use crate::config::Limits;
 use crate::error::RegistryError;
 use crate::image::{Arch, ImageRequest};
+use crate::limits;
 use crate::manifest::{self, ManifestFormat};
-use crate::pipeline::{self, image_in_storage, load_referrers, Job};
+use crate::pipeline::{self, image_in_storage, load_referrers, Client, Job};
 use crate::reference::{parse_route, Digest, Reference, Route};
 use crate::source::ResolvedSource;
 use crate::source::Sources;
@@ -37,6 +39,14 @@ pub struct AppState {
     pub limits: Limits,
     /// The platforms images are built for, sorted; more than one means indexes.
     pub systems: Vec<Arch>,
+    /// Who may pull and build; None: everyone.
+    pub auth: Option<Arc<Auth>>,
+    /// Each client's allowance of pulls (and, in the builds, of new images).
+    pub rate_limits: Arc<limits::Limits>,
+    /// A token `/metrics` requires, if any.
+    pub metrics_token: Option<String>,
+    /// Whether `/metrics` is served on this port (not on a port of its own).
+    pub metrics_here: bool,
 }
 
 impl AppState {
@@ -57,6 +67,7 @@ impl AppState {
         request: &ImageRequest,
         source: &ResolvedSource,
         index: Option<ManifestFormat>,
+        client: Option<Client>,
     ) -> GetImage {
         match (request.arch, index) {
             (None, Some(_)) if self.systems.len() > 1 => GetImage {
@@ -65,15 +76,13 @@ impl AppState {
                 target: Target::Index(
                     self.systems
                         .iter()
-                        .map(|a| Job::new(request, *a, source))
+                        .map(|a| Job::new(request, *a, source).for_client(client.clone()))
                         .collect(),
                 ),
             },
-            (arch, _) => GetImage::image(Job::new(
-                request,
-                arch.unwrap_or(self.default_arch()),
-                source,
-            )),
+            (arch, _) => GetImage::image(
+                Job::new(request, arch.unwrap_or(self.default_arch()), source).for_client(client),
+            ),
         }
     }
 }
@@ -82,9 +91,15 @@ impl AppState {
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(index))
         .route("/metrics", web::get().to(metrics))
+        .route("/token", web::get().to(token))
         .route("/builds", web::get().to(builds))
         .route("/builds/{image:.*}", web::get().to(build_of))
         .default_service(web::to(dispatch));
+}
+
+/// The route table of the metrics port (`server.metrics_listen`).
+pub fn configure_metrics(cfg: &mut web::ServiceConfig) {
+    cfg.route("/metrics", web::get().to(metrics_only));
 }
 
 const INDEX_HTML: &str = include_str!("../web/index.html");
@@ -95,20 +110,136 @@ async fn index() -> HttpResponse {
         .body(INDEX_HTML)
 }
 
-async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if !state.metrics_here {
+        return RegistryError::new(
+            StatusCode::NOT_FOUND,
+            "UNSUPPORTED",
+            "metrics are served on server.metrics_listen",
+        )
+        .respond();
+    }
+    metrics_only(req, state).await
+}
+
+async fn metrics_only(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Some(expected) = &state.metrics_token {
+        let given = match credentials(&req) {
+            Credentials::Bearer(t) => t,
+            _ => String::new(),
+        };
+        // Digests compare in constant time whatever the token's length.
+        let digest = |s: &str| ring::digest::digest(&ring::digest::SHA256, s.as_bytes());
+        if digest(&given).as_ref() != digest(expected).as_ref() {
+            return RegistryError::unauthorized(
+                "metrics need the token of auth.metrics_token",
+                r#"Bearer realm="metrics""#.into(),
+            )
+            .respond();
+        }
+    }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(state.shared.stats.render())
 }
 
-async fn builds(state: web::Data<AppState>) -> HttpResponse {
+fn credentials(req: &HttpRequest) -> Credentials {
+    Credentials::parse(
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes()),
+    )
+}
+
+/// `scheme://host` as the client named this server, for the token realm.
+fn base_url(req: &HttpRequest) -> String {
+    let info = req.connection_info();
+    format!("{}://{}", info.scheme(), info.host())
+}
+
+/// The Docker token endpoint: a token for the caller, granting pull of the
+/// repositories in the `scope` parameters.
+async fn token(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let Some(auth) = &state.auth else {
+        return RegistryError::new(
+            StatusCode::NOT_FOUND,
+            "UNSUPPORTED",
+            "this registry needs no token: every route is open",
+        )
+        .respond();
+    };
+    let caller = match auth.token_caller(&credentials(&req)).await {
+        Ok(caller) => caller,
+        Err(denied) => {
+            log::info!("token refused to {}: {denied}", client_address(&req));
+            let message = match denied {
+                Denied::NoCredentials => "this registry needs a login".to_string(),
+                other => other.to_string(),
+            };
+            return RegistryError::unauthorized(message, auth::BASIC_CHALLENGE.into()).respond();
+        }
+    };
+    let scopes: Vec<String> = req
+        .query_string()
+        .split('&')
+        .filter_map(|p| p.strip_prefix("scope="))
+        .map(|v| {
+            percent_encoding::percent_decode_str(&v.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    // One scope parameter may name several scopes, space-separated.
+    let scopes = scopes.iter().flat_map(|s| s.split(' '));
+    HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(auth.issue(&caller, scopes))
+}
+
+/// The address a client connects from, which keys anonymous callers' limits.
+fn client_address(req: &HttpRequest) -> String {
+    req.peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Whether the caller may see the build pages: under `auth.anonymous = none`
+/// only with credentials (Basic, so a browser can ask for them).
+async fn may_see_builds(req: &HttpRequest, state: &AppState) -> Result<(), HttpResponse> {
+    let Some(auth) = &state.auth else {
+        return Ok(());
+    };
+    if auth.anonymous != auth::Anonymous::None {
+        return Ok(());
+    }
+    match auth.caller(&credentials(req), None).await {
+        Ok(Caller::User(_)) => Ok(()),
+        _ => Err(RegistryError::unauthorized(
+            "the build pages need a login",
+            auth::BASIC_CHALLENGE.into(),
+        )
+        .respond()),
+    }
+}
+
+async fn builds(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    if let Err(denied) = may_see_builds(&req, &state).await {
+        return denied;
+    }
     HttpResponse::Ok().json(serde_json::json!({
         "builds": state.shared.builds(),
         "failures": state.shared.recent_failures(),
     }))
 }
 
-async fn build_of(state: web::Data<AppState>, image: web::Path<String>) -> HttpResponse {
+async fn build_of(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    image: web::Path<String>,
+) -> HttpResponse {
+    if let Err(denied) = may_see_builds(&req, &state).await {
+        return denied;
+    }
     let image = image.into_inner();
     let builds: Vec<_> = state
         .shared
@@ -148,7 +279,83 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
             req.method()
         )));
     }
-    match parse_route(req.path(), state.limits.max_name_length)? {
+    let route = parse_route(req.path(), state.limits.max_name_length)?;
+    let repository = route.repository().map(str::to_string);
+    let (caller, client) = authorize(req, state, repository.as_deref()).await?;
+    // Manifest GETs draw on the pull allowance; HEAD requests and blobs are free.
+    let allowance = match (&route, req.method()) {
+        (Route::Manifest { .. }, &Method::GET) => state
+            .rate_limits
+            .check(limits::Kind::Pulls, &client, &state.shared.stats)
+            .map_err(|exceeded| {
+                let mut e = RegistryError::too_many(exceeded.message(), exceeded.retry_after_secs);
+                e.headers.extend(exceeded.headers());
+                e
+            })?,
+        _ => None,
+    };
+    let served = serve(req, state, route, &caller, client).await;
+    match served {
+        Ok(mut response) => {
+            for (name, value) in allowance.iter().flat_map(|a| a.headers()) {
+                if let (Ok(name), Ok(value)) = (
+                    header::HeaderName::from_bytes(name.as_bytes()),
+                    header::HeaderValue::from_str(&value),
+                ) {
+                    response.headers_mut().insert(name, value);
+                }
+            }
+            Ok(response)
+        }
+        // A build the caller may not start: the challenge sends them to log in.
+        Err(mut e) if e.status == StatusCode::UNAUTHORIZED => {
+            if let Some(auth) = &state.auth {
+                e.headers.push((
+                    "WWW-Authenticate",
+                    auth.challenge(&base_url(req), repository.as_deref()),
+                ));
+            }
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The caller of a registry route and the key its limits are counted under: the
+/// user, or the address of an anonymous caller.
+async fn authorize(
+    req: &HttpRequest,
+    state: &AppState,
+    repository: Option<&str>,
+) -> Result<(Caller, String), RegistryError> {
+    let caller = match &state.auth {
+        None => Caller::Anonymous,
+        Some(auth) => auth
+            .caller(&credentials(req), repository)
+            .await
+            .map_err(|denied| {
+                let message = match &denied {
+                    Denied::NoCredentials => "authentication required".to_string(),
+                    other => other.to_string(),
+                };
+                RegistryError::unauthorized(message, auth.challenge(&base_url(req), repository))
+            })?,
+    };
+    let client = match caller.user() {
+        Some(user) => format!("user:{user}"),
+        None => client_address(req),
+    };
+    Ok((caller, client))
+}
+
+async fn serve(
+    req: &HttpRequest,
+    state: &AppState,
+    route: Route,
+    caller: &Caller,
+    client: String,
+) -> Result<HttpResponse, RegistryError> {
+    match route {
         Route::Base => Ok(HttpResponse::Ok()
             .insert_header(("Docker-Distribution-API-Version", "registry/2.0"))
             .content_type("application/json")
@@ -188,7 +395,13 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
                     .filter_map(|v| v.to_str().ok())
             };
             let index = ManifestFormat::negotiate_index(accept());
-            let get = state.build_target(&request, &source, index);
+            // Only where a caller could be refused a build does the build know them.
+            let client =
+                (state.auth.is_some() || state.rate_limits.limits_builds()).then(|| Client {
+                    key: client,
+                    may_build: state.auth.as_ref().is_none_or(|a| a.may_build(caller)),
+                });
+            let get = state.build_target(&request, &source, index, client);
             let key = get.key.clone();
             let cached = match state.shared.cached_image(&key, state.verify_interval) {
                 Some((image, true)) => Some(image),

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub layers_reused: IntCounter,
     pub bytes_uploaded: IntCounter,
     pub cache_hits: IntCounterVec,
+    pub rate_limited: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -72,6 +73,17 @@ impl Metrics {
         registry
             .register(Box::new(cache_hits.clone()))
             .expect("unique metric");
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "rate_limited_total",
+                "Requests checked against a per-client limit, by limit and outcome",
+            ),
+            &["limit", "outcome"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(rate_limited.clone()))
+            .expect("unique metric");
         let builds_in_flight =
             IntGauge::new("builds_in_flight", "Builds running or queued").expect("valid metric");
         registry
@@ -97,6 +109,7 @@ impl Metrics {
             layers_reused: counter("layers_reused_total", "Layers reused from earlier builds"),
             bytes_uploaded: counter("bytes_uploaded_total", "Blob bytes written to storage"),
             cache_hits,
+            rate_limited,
             registry,
         }
     }

@@ -30,6 +30,19 @@ pub enum Route {
     },
 }
 
+impl Route {
+    /// The repository the route names; None for `/v2/`.
+    pub fn repository(&self) -> Option<&str> {
+        match self {
+            Route::Base => None,
+            Route::Manifest { name, .. }
+            | Route::Blob { name, .. }
+            | Route::TagsList { name }
+            | Route::Referrers { name, .. } => Some(name),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Reference {
     Tag(String),

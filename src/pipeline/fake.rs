@@ -159,6 +159,7 @@ pub(crate) fn context(nix: Arc<FakeNix>, storage: Arc<Storage>) -> Arc<BuildCont
         storage,
         settings,
         Arc::new(SharedState::default()),
+        Arc::new(crate::limits::Limits::new(0, 2)),
     ))
 }
 

@@ -26,6 +26,7 @@ use crate::built::BuiltImage;
 use crate::error::BuildError;
 use crate::image::{Arch, ImageRequest};
 use crate::layers::{self, LayerParams, LayerPlan, Popularity, StorePathInfo};
+use crate::limits;
 use crate::manifest::{self, IndexEntry, LayerEntry, ManifestFormat, RuntimeConfig};
 use crate::nix::Evaluation;
 use crate::source::ResolvedSource;
@@ -91,6 +92,8 @@ pub struct BuildContext {
     pub storage: Arc<Storage>,
     pub settings: ImageSettings,
     pub shared: Arc<SharedState>,
+    /// Each client's allowance of new builds.
+    pub limits: Arc<limits::Limits>,
     layers: Mutex<HashMap<String, LayerRecord>>,
     layer_builds: Mutex<HashMap<String, PendingLayer>>,
     images: Mutex<HashMap<String, Arc<BuiltImage>>>,
@@ -103,6 +106,7 @@ impl BuildContext {
         storage: Arc<Storage>,
         settings: ImageSettings,
         shared: Arc<SharedState>,
+        limits: Arc<limits::Limits>,
     ) -> Self {
         BuildContext {
             nix,
@@ -110,6 +114,7 @@ impl BuildContext {
             storage,
             settings,
             shared,
+            limits,
             layers: Mutex::default(),
             layer_builds: Mutex::default(),
             images: Mutex::default(),
@@ -125,6 +130,17 @@ pub struct Job {
     pub request: ImageRequest,
     pub arch: Arch,
     pub source: ResolvedSource,
+    /// Who asked, when that decides whether a new image may be built.
+    pub client: Option<Client>,
+}
+
+/// The caller of a build, for the build allowance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    /// The user, or the address of an anonymous caller.
+    pub key: String,
+    /// False for anonymous callers where only images already built are served.
+    pub may_build: bool,
 }
 
 impl Job {
@@ -135,7 +151,13 @@ impl Job {
             request,
             arch,
             source: source.clone(),
+            client: None,
         }
+    }
+
+    pub fn for_client(mut self, client: Option<Client>) -> Job {
+        self.client = client;
+        self
     }
 
     /// How the log names the build: the image and the start of its key.
@@ -183,6 +205,7 @@ pub async fn build_image(c: &Arc<BuildContext>, job: &Job) -> Result<Arc<BuiltIm
         let how = "top-level paths known, image reused without building";
         return reuse(c, job, image, how).await;
     }
+    admit(c, job)?;
     // Replicas on the same storage build each image once: the lease holder builds,
     // the others wait for its record.
     if let Some(image) = records::take_lease(c, job, &image_key).await? {
@@ -236,6 +259,21 @@ pub async fn build_index(
         referrers: Vec::new(),
         children: children.into_iter().map(|(_, image)| image).collect(),
     }))
+}
+
+/// Whether the caller may have a new image built: a login where the policy asks for
+/// one, and allowance left.
+fn admit(c: &BuildContext, job: &Job) -> Result<(), BuildError> {
+    let Some(client) = &job.client else {
+        return Ok(());
+    };
+    if !client.may_build {
+        return Err(BuildError::LoginRequired(job.request.display_name()));
+    }
+    c.limits
+        .check(limits::Kind::Builds, &client.key, &c.shared.stats)
+        .map(drop)
+        .map_err(BuildError::BuildLimit)
 }
 
 /// Step 1: the packages' derivations and output paths, or which names are unknown.

@@ -2,6 +2,7 @@
 //! directory, packed for real) and in-memory storage.
 
 use super::fake::{context, settings, source, FakeNix};
+use super::Client;
 use super::*;
 use crate::reference::Digest;
 use crate::storage::memory::MemStorage;
@@ -155,6 +156,7 @@ async fn failures_say_what_failed() {
         memory(),
         limited,
         Arc::new(SharedState::default()),
+        Arc::new(crate::limits::Limits::new(0, 0)),
     ));
     let large = build_image(&c, &job("hello", Arch::Amd64)).await;
     assert_eq!(
@@ -230,4 +232,32 @@ fn keys_follow_the_source_and_the_platforms() {
     assert_ne!(both, key);
     assert_ne!(both, index_key(&hello, &v2, &[Arch::Amd64, Arch::Arm64]));
     assert_ne!(both, index_key(&hello, &source(false), &[Arch::Amd64]));
+}
+
+#[actix_rt::test]
+async fn new_builds_need_a_caller_allowed_to_build_within_its_allowance() {
+    let nix = FakeNix::new(vec![]);
+    let c = context(nix.clone(), memory());
+    let client = |key: &str, may_build| {
+        Some(Client {
+            key: key.into(),
+            may_build,
+        })
+    };
+    let anonymous = job("hello", Arch::Amd64).for_client(client("10.0.0.1", false));
+    let refused = build_image(&c, &anonymous).await.unwrap_err();
+    assert_eq!(refused, BuildError::LoginRequired("hello".into()));
+    assert_eq!(nix.realised("x86_64-linux"), 0);
+
+    // The fake context allows 2 builds per hour per client.
+    let alice = |name: &str| job(name, Arch::Amd64).for_client(client("alice", true));
+    build_image(&c, &alice("hello")).await.unwrap();
+    build_image(&c, &alice("cowsay")).await.unwrap();
+    let over = build_image(&c, &alice("hello/cowsay")).await.unwrap_err();
+    assert!(matches!(over, BuildError::BuildLimit(_)), "{over:?}");
+    // Images already built cost no allowance, and anonymous callers get them.
+    build_image(&c, &alice("hello")).await.unwrap();
+    build_image(&c, &anonymous).await.unwrap();
+    let bob = job("hello/cowsay", Arch::Amd64).for_client(client("bob", true));
+    build_image(&c, &bob).await.unwrap();
 }
