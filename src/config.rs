@@ -48,6 +48,8 @@ pub struct AuthSettings {
     pub token_ttl_secs: u64,
     pub realm: String,
     pub metrics_token: String,
+    pub issuer: String,
+    pub issuer_key: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

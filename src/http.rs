@@ -160,11 +160,11 @@ fn base_url(req: &HttpRequest) -> String {
 /// The Docker token endpoint: a token for the caller, granting pull of the
 /// repositories in the `scope` parameters.
 async fn token(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    let Some(auth) = &state.auth else {
+    let Some(auth) = state.auth.as_ref().filter(|a| a.issues_tokens()) else {
         return RegistryError::new(
             StatusCode::NOT_FOUND,
             "UNSUPPORTED",
-            "this registry needs no token: every route is open",
+            "this registry issues no tokens",
         )
         .respond();
     };

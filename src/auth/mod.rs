@@ -15,7 +15,7 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use token::{Claims, TokenKey};
+use token::{Claims, ExternalIssuer, TokenKey};
 
 /// What callers without credentials may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +123,10 @@ pub struct TokenResponse {
 
 pub struct Auth {
     users: Option<Htpasswd>,
-    key: TokenKey,
+    /// Signs and checks this registry's own tokens; None when only an external
+    /// token service issues them.
+    key: Option<TokenKey>,
+    external: Option<ExternalIssuer>,
     pub anonymous: Anonymous,
     pub service: String,
     /// The token endpoint's URL; empty: `/token` of the host a request named.
@@ -135,7 +138,24 @@ pub struct Auth {
 impl Auth {
     /// None when no `auth` key is set: everyone may pull and build.
     pub fn from_settings(s: &AuthSettings) -> Result<Option<Auth>, String> {
-        let anonymous = match (s.anonymous.as_str(), s.htpasswd.is_empty()) {
+        let external = match s.issuer_key.as_str() {
+            "" => None,
+            path => {
+                let pem =
+                    std::fs::read(path).map_err(|e| format!("auth.issuer_key {path}: {e}"))?;
+                if s.issuer.is_empty() || s.realm.is_empty() {
+                    return Err("auth.issuer and auth.realm: required with auth.issuer_key (the token service's name in its tokens, and its URL)".into());
+                }
+                Some(
+                    ExternalIssuer::new(&pem, &s.issuer, &s.service)
+                        .map_err(|e| format!("auth.issuer_key {path}: {e}"))?,
+                )
+            }
+        };
+        let anonymous = match (
+            s.anonymous.as_str(),
+            s.htpasswd.is_empty() && external.is_none(),
+        ) {
             ("", true) | ("build", true) => return Ok(None),
             ("build", false) => Anonymous::Build,
             ("", false) | ("pull", _) => Anonymous::Pull,
@@ -146,15 +166,21 @@ impl Auth {
                 ))
             }
         };
-        if s.token_key.is_empty() {
-            return Err(
+        // An external token service alone needs no key of ours: it issues every token.
+        let key = match (s.token_key.as_str(), &external) {
+            ("", Some(_)) if s.htpasswd.is_empty() => None,
+            ("", _) => return Err(
                 "auth.token_key: required with authentication: a file of at least 32 random bytes, the same for every replica (e.g. head -c 32 /dev/urandom)".into(),
-            );
-        }
-        let secret = std::fs::read(&s.token_key)
-            .map_err(|e| format!("auth.token_key {}: {e}", s.token_key))?;
-        let key = TokenKey::new(&secret, &s.service)
-            .map_err(|e| format!("auth.token_key {}: {e}", s.token_key))?;
+            ),
+            (path, _) => {
+                let secret =
+                    std::fs::read(path).map_err(|e| format!("auth.token_key {path}: {e}"))?;
+                Some(
+                    TokenKey::new(&secret, &s.service)
+                        .map_err(|e| format!("auth.token_key {path}: {e}"))?,
+                )
+            }
+        };
         let users = if s.htpasswd.is_empty() {
             None
         } else {
@@ -163,12 +189,28 @@ impl Auth {
         Ok(Some(Auth {
             users,
             key,
+            external,
             anonymous,
             service: s.service.clone(),
             realm: s.realm.clone(),
             ttl_secs: s.token_ttl_secs,
             logins: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// Whether this registry issues tokens itself (and so answers `/token`).
+    pub fn issues_tokens(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// The claims of a token this registry or the external issuer signed.
+    fn verify(&self, token: &str) -> Result<Claims, String> {
+        let own = token::algorithm(token) == Some(jsonwebtoken::Algorithm::HS256);
+        match (own, &self.key, &self.external) {
+            (true, Some(key), _) => key.verify(token),
+            (false, _, Some(external)) => external.verify(token),
+            _ => Err("not signed by a key this registry accepts".into()),
+        }
     }
 
     /// The challenge of a registry route: where to get a token, for which service
@@ -239,7 +281,7 @@ impl Auth {
             Credentials::Malformed => Err(Denied::Malformed),
             Credentials::Basic { user, password } => self.login(user, password).await,
             Credentials::Bearer(token) => {
-                let claims = self.key.verify(token).map_err(Denied::BadToken)?;
+                let claims = self.verify(token).map_err(Denied::BadToken)?;
                 if let Some(name) = repository {
                     if !claims.may_pull(name) {
                         return Err(Denied::NotGranted(name.to_string()));
@@ -268,12 +310,14 @@ impl Auth {
         }
     }
 
-    /// A token for `caller` granting pull of the repositories in `scopes`.
+    /// A token for `caller` granting pull of the repositories in `scopes`; None
+    /// where an external service issues the tokens.
     pub fn issue<'a>(
         &self,
         caller: &Caller,
         scopes: impl IntoIterator<Item = &'a str>,
-    ) -> TokenResponse {
+    ) -> Option<TokenResponse> {
+        let key = self.key.as_ref()?;
         let now = crate::storage::unix_now();
         let jti = {
             use rand::Rng;
@@ -289,13 +333,13 @@ impl Auth {
             jti,
             access: token::pull_scopes(scopes),
         };
-        let token = self.key.sign(&claims);
-        TokenResponse {
+        let token = key.sign(&claims);
+        Some(TokenResponse {
             access_token: token.clone(),
             token,
             expires_in: self.ttl_secs,
             issued_at: rfc3339(now),
-        }
+        })
     }
 
     /// Whether the caller may have new images built.
@@ -347,6 +391,8 @@ mod tests {
             token_ttl_secs: 300,
             realm: String::new(),
             metrics_token: String::new(),
+            issuer: String::new(),
+            issuer_key: String::new(),
         }
     }
 
@@ -467,7 +513,7 @@ mod tests {
             password: "PW".into(),
         };
         assert_eq!(auth.token_caller(&wrong).await, Err(Denied::BadPassword));
-        let t = auth.issue(&caller, ["repository:hello:pull"]);
+        let t = auth.issue(&caller, ["repository:hello:pull"]).unwrap();
         assert_eq!(t.token, t.access_token);
         let bearer = Credentials::Bearer(t.token);
         assert_eq!(
@@ -480,7 +526,7 @@ mod tests {
             Err(Denied::NotGranted("cowsay".into()))
         );
         let anonymous = auth.token_caller(&Credentials::None).await.unwrap();
-        let t = auth.issue(&anonymous, ["repository:hello:pull"]);
+        let t = auth.issue(&anonymous, ["repository:hello:pull"]).unwrap();
         let got = auth
             .caller(&Credentials::Bearer(t.token), Some("hello"))
             .await;

@@ -1,6 +1,7 @@
 //! Bearer tokens as the distribution token spec describes them: a JWT naming the
 //! user and the repositories it may pull, signed with HS256 under a key every
-//! replica shares, so any replica accepts a token another issued.
+//! replica shares, so any replica accepts a token another issued; or, where an
+//! existing token service issues them, signed with that service's key.
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -109,6 +110,69 @@ impl TokenKey {
     }
 }
 
+/// An existing token service (Harbor, GitLab, a distribution `auth` server) whose
+/// tokens are accepted: its public key (RSA, EC or Ed25519, PEM) and issuer.
+pub struct ExternalIssuer {
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl ExternalIssuer {
+    pub fn new(public_key_pem: &[u8], issuer: &str, service: &str) -> Result<Self, String> {
+        use Algorithm::*;
+        let (decoding, algorithms) = if let Ok(k) = DecodingKey::from_ec_pem(public_key_pem) {
+            (k, vec![ES256, ES384])
+        } else if let Ok(k) = DecodingKey::from_rsa_pem(public_key_pem) {
+            (k, vec![RS256, RS384, RS512, PS256, PS384, PS512])
+        } else if let Ok(k) = DecodingKey::from_ed_pem(public_key_pem) {
+            (k, vec![EdDSA])
+        } else {
+            return Err("not an RSA, EC or Ed25519 public key in PEM".into());
+        };
+        let mut validation = Validation::new(algorithms[0]);
+        validation.algorithms = algorithms;
+        validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
+        validation.set_audience(&[service]);
+        validation.set_issuer(&[issuer]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        Ok(ExternalIssuer {
+            decoding,
+            validation,
+        })
+    }
+
+    /// The claims of a valid token of this issuer. The key's own family of
+    /// algorithms only: an HS256 token "signed" with the public key is refused.
+    pub fn verify(&self, token: &str) -> Result<Claims, String> {
+        #[derive(Deserialize)]
+        struct Loose {
+            #[serde(default)]
+            sub: String,
+            #[serde(default)]
+            access: Vec<Access>,
+        }
+        let data = jsonwebtoken::decode::<Loose>(token, &self.decoding, &self.validation)
+            .map_err(|e| e.to_string())?;
+        // Only what decides access is read; the rest was checked by validation.
+        Ok(Claims {
+            iss: String::new(),
+            sub: data.claims.sub,
+            aud: String::new(),
+            exp: 0,
+            nbf: 0,
+            iat: 0,
+            jti: String::new(),
+            access: data.claims.access,
+        })
+    }
+}
+
+/// The algorithm a token's header names, if it has a readable header.
+pub fn algorithm(token: &str) -> Option<Algorithm> {
+    jsonwebtoken::decode_header(token).ok().map(|h| h.alg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +226,44 @@ mod tests {
         assert!(key.verify(&none).is_err());
         assert!(key.verify("garbage").is_err());
         assert!(TokenKey::new(&[1; 31], "nixery").is_err());
+    }
+
+    const EC_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQguaPVG7wnpbauMt78
+6Xzu07PNhhYJH4v3yI/gMmySZiyhRANCAARHQqdr454guP+VAzmZH3noztfBmJS5
+3H46Azd3hj7F5PmG+VPRrIj9UXrcsC2bjRrp3WA5Ehw+6N/ivmWAI5U9
+-----END PRIVATE KEY-----
+";
+    const EC_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----
+MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAER0Kna+OeILj/lQM5mR956M7XwZiU
+udx+OgM3d4Y+xeT5hvlT0ayI/VF63LAtm40a6d1gORIcPujf4r5lgCOVPQ==
+-----END PUBLIC KEY-----
+";
+
+    #[test]
+    fn tokens_of_an_external_issuer_verify_with_its_public_key_only() {
+        let issuer = ExternalIssuer::new(EC_PUBLIC.as_bytes(), "harbor", "nixery").unwrap();
+        let private = EncodingKey::from_ec_pem(EC_PRIVATE.as_bytes()).unwrap();
+        let mut c = claims(now());
+        c.iss = "harbor".into();
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &c, &private).unwrap();
+        assert_eq!(algorithm(&token), Some(Algorithm::ES256));
+        let got = issuer.verify(&token).unwrap();
+        assert!(got.may_pull("hello"));
+        assert_eq!(got.sub, "alice");
+        // Another issuer name, or HS256 keyed with the public key's bytes: refused.
+        let mut other = c.clone();
+        other.iss = "nixery".into();
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &other, &private).unwrap();
+        assert!(issuer.verify(&token).is_err());
+        let confused = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &c,
+            &EncodingKey::from_secret(EC_PUBLIC.as_bytes()),
+        )
+        .unwrap();
+        assert!(issuer.verify(&confused).is_err());
+        assert!(ExternalIssuer::new(b"nonsense", "harbor", "nixery").is_err());
     }
 
     #[test]
