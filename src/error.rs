@@ -68,6 +68,27 @@ impl BuildError {
                 true
             }
             BuildError::Platform { cause, .. } => cause.is_transient(),
+            _ => self.is_refusal(),
+        }
+    }
+
+    /// A build turned away because of who asked, not because the image fails: no
+    /// build failure, and another caller may be let in.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            BuildError::LoginRequired(_) | BuildError::BuildLimit(_) => true,
+            BuildError::Platform { cause, .. } => cause.is_refusal(),
+            _ => false,
+        }
+    }
+
+    /// Whether a refusal was meant for another caller than `client` (whose request
+    /// joined a build that caller started), so `client` should ask for itself.
+    pub fn refused_someone_else(&self, client: &crate::pipeline::Client) -> bool {
+        match self {
+            BuildError::LoginRequired(_) => client.may_build,
+            BuildError::BuildLimit(exceeded) => exceeded.client != client.key,
+            BuildError::Platform { cause, .. } => cause.refused_someone_else(client),
             _ => false,
         }
     }

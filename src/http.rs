@@ -321,6 +321,14 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
     }
 }
 
+/// The caller a build request carries, if its admission depends on it.
+fn client_of(get: &GetImage) -> Option<Client> {
+    match &get.target {
+        Target::Image(job) => job.client.clone(),
+        Target::Index(jobs) => jobs.first().and_then(|j| j.client.clone()),
+    }
+}
+
 /// The caller of a registry route and the key its limits are counted under: the
 /// user, or the address of an anonymous caller.
 async fn authorize(
@@ -422,7 +430,17 @@ async fn serve(
             };
             let image = match cached {
                 Some(image) => image,
-                None => state.coordinator.send(get).await??,
+                None => {
+                    let first = state.coordinator.send(get.clone()).await?;
+                    match (first, client_of(&get)) {
+                        // The build this request joined was started by a caller who
+                        // was turned away; this caller asks for itself.
+                        (Err(e), Some(client)) if e.refused_someone_else(&client) => {
+                            state.coordinator.send(get).await??
+                        }
+                        (other, _) => other?,
+                    }
+                }
             };
             state.sources.served(&tag);
             let format = match (image.children.is_empty(), index) {

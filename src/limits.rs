@@ -53,8 +53,10 @@ impl Allowance {
 }
 
 /// A request over the limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exceeded {
+    /// The client whose allowance is spent.
+    pub client: String,
     pub kind: Kind,
     pub limit: u32,
     pub window_secs: u64,
@@ -156,6 +158,7 @@ impl Limits {
                 counter("refused");
                 let wait = not_until.wait_time_from(self.clock.now());
                 Err(Exceeded {
+                    client: client.to_string(),
                     kind,
                     limit: l.limit,
                     window_secs: l.window_secs,

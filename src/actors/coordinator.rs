@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// Build (or find) an image or an index.
-#[derive(Message)]
+#[derive(Message, Clone)]
 #[rtype(result = "Result<Arc<BuiltImage>, BuildError>")]
 pub struct GetImage {
     /// The request key ([`pipeline::request_key`] or [`pipeline::index_key`]).
@@ -32,6 +32,7 @@ pub struct GetImage {
     pub target: Target,
 }
 
+#[derive(Clone)]
 pub enum Target {
     /// One platform's image.
     Image(Job),
@@ -182,6 +183,8 @@ impl Handler<BuildFinished> for BuildCoordinator {
         let progress = shared.end_build(&msg.key);
         match &msg.result {
             Ok(image) => shared.remember_image(&msg.key, image),
+            // A caller turned away is no failure of the image.
+            Err(e) if e.is_refusal() => {}
             Err(e) => {
                 shared.stats.builds_failed.inc();
                 shared.record_failure(progress.map(|p| p.image).unwrap_or_default(), e.to_string());
@@ -284,5 +287,26 @@ mod tests {
         let again = coordinator.send(index("hello")).await.unwrap();
         assert_eq!(again.unwrap_err(), err);
         assert_eq!(nix.realised("aarch64-linux"), 1);
+    }
+
+    #[actix_rt::test]
+    async fn a_caller_turned_away_leaves_the_image_to_the_next() {
+        let nix = FakeNix::new(vec![]);
+        let coordinator = start(&nix);
+        let request = ImageRequest::from_name("hello", 64).unwrap();
+        let job = |may_build| {
+            Job::new(&request, Arch::Amd64, &source(false)).for_client(Some(pipeline::Client {
+                key: "someone".into(),
+                may_build,
+            }))
+        };
+        let refused = coordinator.send(GetImage::image(job(false))).await.unwrap();
+        assert_eq!(
+            refused.unwrap_err(),
+            BuildError::LoginRequired("hello".into())
+        );
+        // Not answered from the failure cache: a caller who may build gets it.
+        let built = coordinator.send(GetImage::image(job(true))).await.unwrap();
+        assert!(built.is_ok(), "{built:?}");
     }
 }
