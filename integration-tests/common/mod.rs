@@ -367,6 +367,10 @@ pub fn cimage_command(program: &str) -> Command {
 pub struct Server {
     child: Option<Child>,
     addr: String,
+    /// `http`, or `https` when the server said `listening on https://…`.
+    scheme: &'static str,
+    /// The CA certificate [`server_request`] trusts when the scheme is https.
+    ca: Option<PathBuf>,
     log: Arc<Mutex<String>>,
     log_path: PathBuf,
     storage: PathBuf,
@@ -375,13 +379,13 @@ pub struct Server {
 }
 
 enum StartEvent {
-    Listening(String),
+    Listening(&'static str, String),
     Eof,
 }
 
 impl Server {
     /// Starts the server and waits for its `listening on http://ADDR:PORT`
-    /// log line. `env` overrides the defaults (`PORT=0`,
+    /// (or `https://`) log line. `env` overrides the defaults (`PORT=0`,
     /// `NIXERY_LISTEN=127.0.0.1`, filesystem storage in a temp dir, a fresh
     /// salted package set, `RUST_LOG=info`, no binary cache, `NIX_CONFIG`
     /// without sandbox).
@@ -437,8 +441,8 @@ impl Server {
                     let _ = file.write_all(line.as_bytes());
                     log.lock().unwrap().push_str(&line);
                     if !sent {
-                        if let Some(addr) = parse_listening(&line) {
-                            let _ = tx.send(StartEvent::Listening(addr));
+                        if let Some((scheme, addr)) = parse_listening_url(&line) {
+                            let _ = tx.send(StartEvent::Listening(scheme, addr));
                             sent = true;
                         }
                     }
@@ -448,10 +452,10 @@ impl Server {
         }
 
         let deadline = Instant::now() + STARTUP_DEADLINE;
-        let addr = loop {
+        let (scheme, addr) = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left.min(Duration::from_millis(200))) {
-                Ok(StartEvent::Listening(addr)) => break addr,
+                Ok(StartEvent::Listening(scheme, addr)) => break (scheme, addr),
                 Ok(StartEvent::Eof) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = terminate(&mut child, Duration::from_secs(5));
                     panic!(
@@ -473,6 +477,8 @@ impl Server {
         Server {
             child: Some(child),
             addr,
+            scheme,
+            ca: None,
             log,
             log_path,
             storage,
@@ -486,9 +492,32 @@ impl Server {
         &self.addr
     }
 
-    /// `http://HOST:PORT` + `path` (which should start with `/`).
+    /// `http://HOST:PORT` + `path` (which should start with `/`); `https://`
+    /// when the server listens with TLS.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("{}://{}{}", self.scheme, self.addr, path)
+    }
+
+    /// `http` or `https`, as the listening line said.
+    pub fn scheme(&self) -> &'static str {
+        self.scheme
+    }
+
+    /// The CA certificate (PEM) that [`server_request`] verifies an https
+    /// server with.
+    pub fn trust_ca(&mut self, ca: &Path) {
+        self.ca = Some(ca.to_path_buf());
+    }
+
+    pub fn ca(&self) -> Option<&Path> {
+        self.ca.as_deref()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Everything the server has logged so far.
@@ -543,16 +572,25 @@ impl Drop for Server {
     }
 }
 
-/// Extracts `ADDR:PORT` from a line containing `listening on http://ADDR:PORT`.
+/// Extracts `ADDR:PORT` from a line containing `listening on http://ADDR:PORT`
+/// or `listening on https://ADDR:PORT`.
 pub fn parse_listening(line: &str) -> Option<String> {
-    const MARK: &str = "listening on http://";
-    let rest = &line[line.find(MARK)? + MARK.len()..];
+    parse_listening_url(line).map(|(_, addr)| addr)
+}
+
+/// The scheme (`http` or `https`) and `ADDR:PORT` of a line containing
+/// `listening on SCHEME://ADDR:PORT`.
+pub fn parse_listening_url(line: &str) -> Option<(&'static str, String)> {
+    let (scheme, rest) = ["https", "http"].into_iter().find_map(|scheme| {
+        let mark = format!("listening on {scheme}://");
+        line.find(&mark).map(|i| (scheme, &line[i + mark.len()..]))
+    })?;
     let addr: String = rest
         .chars()
         .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']' | '-'))
         .collect();
     let port = addr.rsplit_once(':')?.1;
-    (!port.is_empty() && port.chars().all(|c| c.is_ascii_digit())).then_some(addr)
+    (!port.is_empty() && port.chars().all(|c| c.is_ascii_digit())).then_some((scheme, addr))
 }
 
 // ---------------------------------------------------------------------------
@@ -631,10 +669,21 @@ fn http_request_inner(
             format!("cannot resolve {authority}"),
         )
     })?;
-    let mut stream = TcpStream::connect_timeout(&sockaddr, Duration::from_secs(10))?;
+    let stream = TcpStream::connect_timeout(&sockaddr, Duration::from_secs(10))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    http_exchange(stream, method, authority, path, headers)
+}
 
+/// Sends one request (with `Connection: close`) on an open connection, plain or
+/// TLS, and reads the whole response, as [`http_request`] describes.
+pub fn http_exchange<S: Read + Write>(
+    mut stream: S,
+    method: &str,
+    authority: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, Headers, Vec<u8>)> {
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
@@ -715,7 +764,12 @@ fn http_request_inner(
             body.resize(len, 0);
             reader.read_exact(&mut body)?;
         } else {
-            reader.read_to_end(&mut body)?;
+            match reader.read_to_end(&mut body) {
+                Ok(_) => {}
+                // A TLS peer that closes without close_notify: the body ends there.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+                Err(e) => return Err(e),
+            }
         }
         return Ok((status, headers, body));
     }
@@ -1591,4 +1645,441 @@ impl Drop for StaticHttp {
         }
         self.stop();
     }
+}
+
+// ---------------------------------------------------------------------------
+// Authentication fixtures: htpasswd files and token keys
+
+/// Writes `contents` to `path` atomically: a temporary file next to it, renamed
+/// over it (as deployment tools replace files).
+pub fn replace_file(path: &Path, contents: &[u8]) {
+    let tmp = path.with_extension(format!("tmp-{}", random_hex()));
+    fs::write(&tmp, contents).unwrap_or_else(|e| panic!("write {}: {e}", tmp.display()));
+    fs::rename(&tmp, path).unwrap_or_else(|e| panic!("rename over {}: {e}", path.display()));
+}
+
+/// One htpasswd line `user:$2y$04$…` as `htpasswd -B` writes it (bcrypt; cost 4
+/// keeps the tests fast).
+pub fn htpasswd_line(user: &str, password: &str) -> String {
+    let hash = bcrypt::hash_with_result(password, 4)
+        .expect("bcrypt hash")
+        .format_for_version(bcrypt::Version::TwoY);
+    format!("{user}:{hash}")
+}
+
+/// The text of an htpasswd file holding `users` (name, password), one line each.
+pub fn htpasswd_text(users: &[(&str, &str)]) -> String {
+    users
+        .iter()
+        .map(|(u, p)| htpasswd_line(u, p) + "\n")
+        .collect()
+}
+
+/// `Basic base64(user:password)`.
+pub fn basic_auth(user: &str, password: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+/// `Bearer TOKEN`.
+pub fn bearer_auth(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// An htpasswd file and a token key file in a private directory, for
+/// `NIXERY_AUTH__HTPASSWD` and `NIXERY_AUTH__TOKEN_KEY`. Servers given the same
+/// files are replicas of one another.
+pub struct AuthFiles {
+    dir: TempDir,
+    htpasswd: PathBuf,
+    token_key: PathBuf,
+    key: Vec<u8>,
+}
+
+impl AuthFiles {
+    /// `users` (name, password) in the htpasswd file, and a fresh 48-byte key
+    /// (hex characters, no newline, so trimming it or not gives the same secret).
+    pub fn new(users: &[(&str, &str)]) -> AuthFiles {
+        let dir = tempfile::Builder::new()
+            .prefix("nixery-auth-")
+            .tempdir()
+            .expect("create auth temp dir");
+        let htpasswd = dir.path().join("htpasswd");
+        fs::write(&htpasswd, htpasswd_text(users)).expect("write htpasswd");
+        let token_key = dir.path().join("token.key");
+        let key = format!("{}{}{}", random_hex(), random_hex(), random_hex()).into_bytes();
+        fs::write(&token_key, &key).expect("write token key");
+        AuthFiles {
+            dir,
+            htpasswd,
+            token_key,
+            key,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Path of the htpasswd file.
+    pub fn htpasswd(&self) -> &str {
+        self.htpasswd.to_str().expect("utf-8 temp path")
+    }
+
+    pub fn htpasswd_path(&self) -> &Path {
+        &self.htpasswd
+    }
+
+    /// Path of the token key file.
+    pub fn token_key(&self) -> &str {
+        self.token_key.to_str().expect("utf-8 temp path")
+    }
+
+    /// The HS256 secret the key file holds.
+    pub fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// The environment of a server using these files, with `anonymous` as
+    /// `NIXERY_AUTH__ANONYMOUS` unless it is empty (the default policy).
+    pub fn env<'a>(&'a self, anonymous: &'a str) -> Vec<(&'a str, &'a str)> {
+        let mut env = vec![
+            ("NIXERY_AUTH__HTPASSWD", self.htpasswd()),
+            ("NIXERY_AUTH__TOKEN_KEY", self.token_key()),
+        ];
+        if !anonymous.is_empty() {
+            env.push(("NIXERY_AUTH__ANONYMOUS", anonymous));
+        }
+        env
+    }
+}
+
+/// `GET /token?service=SERVICE&scope=repository:NAME:pull…` (scopes encoded as Go
+/// clients encode them) with Basic credentials when given.
+pub fn request_token(
+    server: &Server,
+    service: &str,
+    credentials: Option<(&str, &str)>,
+    repositories: &[&str],
+) -> (u16, Headers, Vec<u8>) {
+    let mut query = format!("service={}", query_escape(service));
+    for r in repositories {
+        query.push_str("&scope=");
+        query.push_str(&query_escape(&format!("repository:{r}:pull")));
+    }
+    let basic = credentials.map(|(u, p)| basic_auth(u, p));
+    let mut headers = Vec::new();
+    if let Some(b) = &basic {
+        headers.push(("Authorization", b.as_str()));
+    }
+    server_get(server, &format!("/token?{query}"), &headers)
+}
+
+/// A token for `repositories` from the server's `/token`, with the credentials
+/// given (anonymous otherwise); panics unless it answers 200 with one.
+pub fn fetch_token(
+    server: &Server,
+    credentials: Option<(&str, &str)>,
+    repositories: &[&str],
+) -> String {
+    let (status, _, body) = request_token(server, "nixery", credentials, repositories);
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, 200, "GET /token as {credentials:?}: {text}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&body).unwrap_or_else(|e| panic!("/token: not JSON ({e}): {text}"));
+    v["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("/token: no token: {text}"))
+        .to_string()
+}
+
+/// Percent-encodes a query value as Go's `url.Values.Encode` does.
+pub fn query_escape(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// GET `path` on the server: plain HTTP, or TLS verified with the CA given to
+/// [`Server::trust_ca`] when the server speaks https.
+pub fn server_get(
+    server: &Server,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Headers, Vec<u8>) {
+    server_request(server, "GET", path, headers)
+}
+
+/// `method` `path` on the server (plain, or TLS trusting the CA given to
+/// [`Server::trust_ca`]); panics on I/O errors.
+pub fn server_request(
+    server: &Server,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Headers, Vec<u8>) {
+    let url = server.url(path);
+    let result = if server.scheme() == "https" {
+        let ca = server
+            .ca()
+            .expect("an https server needs Server::trust_ca(CA) first");
+        https_request(method, &url, headers, ca, COMMAND_TIMEOUT)
+    } else {
+        http_request(method, &url, headers, COMMAND_TIMEOUT)
+    };
+    result.unwrap_or_else(|e| panic!("{method} {url} failed: {e}"))
+}
+
+// ---------------------------------------------------------------------------
+// TLS fixtures: a test CA made with the openssl CLI, and a rustls client
+
+/// A throwaway certificate authority (EC P-256, two days) in a temp dir, made
+/// with the `openssl` command; issues server certificates for IP addresses.
+pub struct TestCa {
+    dir: TempDir,
+}
+
+/// A server certificate and key (PEM files) issued by a [`TestCa`].
+#[derive(Clone, Debug)]
+pub struct ServerCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The certificate, DER.
+    pub der: Vec<u8>,
+    /// Serial number, upper-case hex as `openssl x509 -serial` prints it.
+    pub serial: String,
+    pub subject_cn: String,
+}
+
+fn openssl(args: &[&str], dir: &Path) -> CmdOutput {
+    run_ok(Command::new("openssl").args(args).current_dir(dir))
+}
+
+/// DER of every certificate in a PEM file.
+pub fn pem_certificates(path: &Path) -> Vec<Vec<u8>> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    CertificateDer::pem_file_iter(path)
+        .unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+        .map(|c| c.expect("PEM certificate").as_ref().to_vec())
+        .collect()
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let dir = tempfile::Builder::new()
+            .prefix("nixery-ca-")
+            .tempdir()
+            .expect("create CA temp dir");
+        let cn = format!("/CN=nixery test CA {}", random_hex());
+        openssl(
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                &cn,
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+            dir.path(),
+        );
+        TestCa { dir }
+    }
+
+    /// The CA certificate (PEM), what clients trust.
+    pub fn cert(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    /// A directory holding only `ca.crt`, for `--cert-dir` / `--src-cert-dir` of
+    /// podman and skopeo (they read `*.crt` there as CAs).
+    pub fn cert_dir(&self) -> PathBuf {
+        let d = self.dir.path().join("cert-dir");
+        fs::create_dir_all(&d).expect("cert dir");
+        fs::copy(self.cert(), d.join("ca.crt")).expect("copy CA");
+        d
+    }
+
+    /// A new server certificate (fresh key, random serial, subject
+    /// `CN=LABEL`) for `ips` as IP subjectAltNames, in new files named after
+    /// `label`.
+    pub fn issue(&self, label: &str, ips: &[&str]) -> ServerCert {
+        let d = self.dir.path();
+        let key = d.join(format!("{label}.key"));
+        let csr = d.join(format!("{label}.csr"));
+        let cert = d.join(format!("{label}.crt"));
+        let ext = d.join(format!("{label}.ext"));
+        let san: Vec<String> = ips.iter().map(|ip| format!("IP:{ip}")).collect();
+        fs::write(
+            &ext,
+            format!(
+                "subjectAltName={}\nbasicConstraints=critical,CA:FALSE\n\
+                 keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+                san.join(",")
+            ),
+        )
+        .expect("write extensions");
+        let subject_cn = format!("{label} {}", random_hex());
+        openssl(
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                key.to_str().unwrap(),
+                "-out",
+                csr.to_str().unwrap(),
+                "-subj",
+                &format!("/CN={subject_cn}"),
+            ],
+            d,
+        );
+        // Positive, 64 bits, different every time.
+        let serial = format!("5{}", &random_hex()[1..]).to_uppercase();
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                csr.to_str().unwrap(),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-set_serial",
+                &format!("0x{serial}"),
+                "-days",
+                "2",
+                "-extfile",
+                ext.to_str().unwrap(),
+                "-out",
+                cert.to_str().unwrap(),
+            ],
+            d,
+        );
+        let der = pem_certificates(&cert)
+            .into_iter()
+            .next()
+            .expect("one certificate");
+        ServerCert {
+            cert,
+            key,
+            der,
+            serial,
+            subject_cn,
+        }
+    }
+}
+
+impl ServerCert {
+    /// Copies this certificate and key over `cert` and `key` the way a
+    /// certificate manager does: new files, renamed over the old ones.
+    pub fn install_as(&self, cert: &Path, key: &Path) {
+        replace_file(cert, &fs::read(&self.cert).expect("read cert"));
+        replace_file(key, &fs::read(&self.key).expect("read key"));
+    }
+}
+
+/// A rustls client configuration trusting only the CA certificates in `ca` (PEM).
+pub fn tls_client_config(ca: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in pem_certificates(ca) {
+        roots
+            .add(rustls::pki_types::CertificateDer::from(der))
+            .expect("add CA certificate");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// A TLS connection to `addr` (`IP:PORT`), verified against `ca`, with the
+/// handshake done.
+pub fn tls_connect(
+    addr: &str,
+    ca: &Path,
+    timeout: Duration,
+) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    let sockaddr = addr.to_socket_addrs()?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("cannot resolve {addr}"),
+        )
+    })?;
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut sock = TcpStream::connect_timeout(&sockaddr, Duration::from_secs(10))?;
+    sock.set_read_timeout(Some(timeout))?;
+    sock.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut conn = rustls::ClientConnection::new(tls_client_config(ca), name)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock)?;
+    }
+    Ok(rustls::StreamOwned::new(conn, sock))
+}
+
+/// The certificate (DER) a new TLS connection to `addr` is served, verified
+/// against `ca`.
+pub fn served_certificate(addr: &str, ca: &Path) -> std::io::Result<Vec<u8>> {
+    let tls = tls_connect(addr, ca, Duration::from_secs(10))?;
+    tls.conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref().to_vec())
+        .ok_or_else(|| std::io::Error::other("no peer certificate"))
+}
+
+/// [`http_request`] over TLS: `url` must be `https://IP:PORT/path`; the server
+/// certificate is verified against `ca`.
+pub fn https_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    ca: &Path,
+    timeout: Duration,
+) -> std::io::Result<(u16, Headers, Vec<u8>)> {
+    let rest = url.strip_prefix("https://").ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not an https:// URL: {url}"),
+        )
+    })?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let tls = tls_connect(authority, ca, timeout)?;
+    http_exchange(tls, method, authority, path, headers)
 }
