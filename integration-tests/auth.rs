@@ -1955,7 +1955,7 @@ fn metrics_on_their_own_listener_and_behind_a_token() {
 }
 
 #[test]
-fn build_pages_need_credentials_under_none() {
+fn build_pages_need_credentials_under_none_and_probes_never_do() {
     let auth = AuthFiles::new(&[ALICE]);
     let none = Server::start(&auth.env("none"));
     let alice_basic = basic_auth(ALICE.0, ALICE.1);
@@ -1977,6 +1977,10 @@ fn build_pages_need_credentials_under_none() {
             assert!(v["builds"].is_array(), "{v}");
         }
     }
+    // Probes need no credentials, whatever the policy.
+    let (status, _, body) = server_get(&none, "/healthz", &[]);
+    assert_eq!((status, text(&body).trim()), (200, "ok"));
+    assert_eq!(server_get(&none, "/v2/", &[]).0, 401);
     // Under `pull` the pages stay open.
     let pull = Server::start(&auth.env(""));
     assert_eq!(server_get(&pull, "/builds", &[]).0, 200);

@@ -92,6 +92,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(index))
         .route("/metrics", web::get().to(metrics))
         .route("/token", web::get().to(token))
+        .route("/healthz", web::get().to(healthz))
         .route("/builds", web::get().to(builds))
         .route("/builds/{image:.*}", web::get().to(build_of))
         .default_service(web::to(dispatch));
@@ -108,6 +109,12 @@ async fn index() -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
         .body(INDEX_HTML)
+}
+
+/// For probes: answers whenever the server takes requests, without credentials
+/// (`/v2/` needs a token once authentication is on).
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().content_type("text/plain").body("ok\n")
 }
 
 async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
