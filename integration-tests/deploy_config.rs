@@ -88,12 +88,15 @@ fn a_misspelt_key_is_caught() {
 }
 
 #[test]
-fn probes_use_the_registry_base_route() {
+fn probes_use_the_health_route_that_needs_no_credentials() {
     let deployment = deploy_file("kubernetes/deployment.yaml");
     assert_eq!(
-        deployment.matches("path: /v2/").count(),
+        deployment.matches("path: /healthz").count(),
         2,
         "readiness and liveness"
     );
+    // The ConfigMap turns authentication on, so /v2/ would answer 401.
+    let env = configmap_env(&deploy_file("kubernetes/configmap.yaml"));
+    assert!(env.contains_key("NIXERY_AUTH__HTPASSWD"));
     assert!(deployment.contains("configMapRef: {name: nixery}"));
 }
