@@ -15,9 +15,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    fresh_pkgs_copy, http_get, http_head, http_request, pull_and_run, random_hex, require_fake_gcs,
-    require_root, require_tool, run_with_timeout, sha256_digest, skopeo_copy, Containerd, FakeGcs,
-    Server,
+    fresh_pkgs_copy, http_get, http_head, http_request, metric, pull_and_run, random_hex,
+    require_fake_gcs, require_root, require_tool, run_with_timeout, sha256_digest, skopeo_copy,
+    Containerd, FakeGcs, Server,
 };
 
 const BUCKET: &str = "layers";
@@ -114,23 +114,6 @@ fn check_blob_redirect(server: &Server, gcs: &FakeGcs, name: &str, digest: &str)
     );
     assert_eq!(sha256_digest(&bytes), digest, "bytes at {location}");
     bytes
-}
-
-/// The value of a counter in `/metrics`.
-fn metric(server: &Server, name: &str) -> u64 {
-    let (status, _, body) = http_get(&server.url("/metrics"), &[]);
-    assert_eq!(status, 200);
-    let text = String::from_utf8_lossy(&body);
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .map(|v| v as u64)
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
 }
 
 /// What a server did, from its log and metrics.

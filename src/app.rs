@@ -5,6 +5,7 @@
 use crate::actors::coordinator::BuildCoordinator;
 use crate::actors::nix_worker::NixWorker;
 use crate::actors::signer::SignerActor;
+use crate::actors::store_gc::StoreGc;
 use crate::actors::upload::UploadActor;
 use crate::auth::Auth;
 use crate::config::{PackageSource, Settings};
@@ -16,7 +17,7 @@ use crate::pipeline::{BuildContext, ImageSettings};
 use crate::signing::ServiceAccountKey;
 use crate::source::Sources;
 use crate::state::SharedState;
-use crate::storage::{filesystem::FsStorage, gcs::GcsStorage, Storage};
+use crate::storage::{filesystem::FsStorage, gcs::GcsStorage, s3::S3Storage, Storage};
 use crate::tls::ReloadingCert;
 use actix::prelude::*;
 use actix_web::{middleware, web, App, HttpServer};
@@ -31,6 +32,11 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         Arc::new(match settings.storage.backend.as_str() {
             "gcs" => Storage::Gcs(
                 GcsStorage::open(&settings.storage)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
+            "s3" => Storage::S3(
+                S3Storage::open(&settings.storage)
                     .await
                     .map_err(|e| e.to_string())?,
             ),
@@ -110,7 +116,20 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         cache_home: fetch_cache_dir(),
         path_labels,
     };
+    let gc_worker = {
+        let worker = worker.clone();
+        SyncArbiter::start(1, move || worker.clone())
+    };
     let nix_workers = SyncArbiter::start(workers, move || worker.clone());
+    let roots = match nix::gc::GcRoots::open(Path::new(&settings.nix.gc_roots_dir)) {
+        Ok(roots) => Some(roots),
+        Err(e) => {
+            log::warn!(
+                "{e}: builds hold no GC roots, so the registry never runs Nix's garbage collector"
+            );
+            None
+        }
+    };
     let uploader = UploadActor::new(storage.clone(), settings.storage.upload_concurrency).start();
     let signer = SignerActor::new(
         signing_key,
@@ -132,14 +151,30 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         // A build holds its lease at most as long as Nix may run, plus packing.
         lease_ttl: Duration::from_secs(settings.nix.timeout_secs + 300),
     };
-    let context = Arc::new(BuildContext::new(
+    let mut context = BuildContext::new(
         Arc::new(nix_workers),
         uploader,
         storage.clone(),
         image_settings,
         shared.clone(),
         limits.clone(),
-    ));
+    );
+    if let Some(roots) = roots {
+        context = context.with_roots(roots);
+        let mib = |n: u64| n << 20;
+        let gc = StoreGc {
+            store: PathBuf::from("/nix/store"),
+            min_free: mib(settings.nix.gc_min_free_mib),
+            max_free: mib(settings.nix.gc_max_free_mib),
+            interval: (settings.nix.gc_interval_secs > 0)
+                .then(|| Duration::from_secs(settings.nix.gc_interval_secs)),
+            check: Duration::from_secs(settings.nix.gc_check_secs),
+            worker: gc_worker,
+            shared: shared.clone(),
+        };
+        actix_web::rt::spawn(gc.run());
+    }
+    let context = Arc::new(context);
     // The coordinator and the builds it spawns get a thread of their own, away from
     // the HTTP workers.
     let coordinator_arbiter = Arbiter::new();

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// Go Nixery variable names and the keys they set.
-pub const ENV_ALIASES: [(&str, &str); 13] = [
+pub const ENV_ALIASES: [(&str, &str); 14] = [
     ("PORT", "server.port"),
     ("NIXERY_LISTEN", "server.listen"),
     ("NIXERY_CHANNEL", "source.channel"),
@@ -19,6 +19,7 @@ pub const ENV_ALIASES: [(&str, &str); 13] = [
     ("NIXERY_STORAGE_BACKEND", "storage.backend"),
     ("STORAGE_PATH", "storage.path"),
     ("GCS_BUCKET", "storage.bucket"),
+    ("S3_BUCKET", "storage.bucket"),
     ("STORAGE_EMULATOR_HOST", "storage.endpoint"),
     ("GOOGLE_APPLICATION_CREDENTIALS", "storage.credentials"),
     ("NIX_TIMEOUT", "nix.timeout_secs"),
@@ -88,6 +89,7 @@ pub struct StorageSettings {
     pub path: String,
     pub bucket: String,
     pub endpoint: String,
+    pub region: String,
     pub credentials: String,
     pub signed_url_ttl_secs: u64,
     pub upload_concurrency: usize,
@@ -116,6 +118,11 @@ pub struct NixSettings {
     pub connect_timeout_secs: u64,
     pub stalled_download_timeout_secs: u64,
     pub systems: String,
+    pub gc_roots_dir: String,
+    pub gc_min_free_mib: u64,
+    pub gc_max_free_mib: u64,
+    pub gc_interval_secs: u64,
+    pub gc_check_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -209,11 +216,16 @@ impl Settings {
                     "required for the gcs backend",
                 )
             }
-            "filesystem" | "gcs" => {}
+            "s3" if self.storage.bucket.is_empty() => {
+                return err("storage.bucket (S3_BUCKET)", "required for the s3 backend")
+            }
+            "filesystem" | "gcs" | "s3" => {}
             other => {
                 return err(
                     "storage.backend (NIXERY_STORAGE_BACKEND)",
-                    &format!("unknown backend {other:?}, expected \"filesystem\" or \"gcs\""),
+                    &format!(
+                        "unknown backend {other:?}, expected \"filesystem\", \"gcs\" or \"s3\""
+                    ),
                 )
             }
         }
@@ -259,6 +271,15 @@ impl Settings {
             return err(
                 "server.tls_cert and server.tls_key",
                 "set both (PEM files) or neither",
+            );
+        }
+        if self.nix.gc_check_secs == 0 {
+            return err("nix.gc_check_secs", "must be at least 1");
+        }
+        if self.nix.gc_min_free_mib > self.nix.gc_max_free_mib {
+            return err(
+                "nix.gc_min_free_mib",
+                "must not exceed nix.gc_max_free_mib (what a collection frees up to)",
             );
         }
         if self.auth.token_ttl_secs < 60 {
@@ -389,6 +410,7 @@ mod tests {
             (vec![("NIXERY_STORAGE_BACKEND", "s4")], "storage.backend"),
             (vec![("NIXERY_LAYERS__GZIP_LEVEL", "12")], "gzip_level"),
             (vec![("NIXERY_STORAGE_BACKEND", "gcs")], "GCS_BUCKET"),
+            (vec![("NIXERY_STORAGE_BACKEND", "s3")], "S3_BUCKET"),
             (vec![("NIXERY_CHANNEL", "nixos-unstable")], "more than one"),
         ] {
             let mut all = vec![("NIXERY_PKGS_PATH", "/pkgs")];

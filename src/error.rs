@@ -49,6 +49,9 @@ pub enum BuildError {
     /// The caller's allowance of new builds is spent.
     #[error("{}", .0.message())]
     BuildLimit(crate::limits::Exceeded),
+    /// A disk of the registry is full; space is being freed.
+    #[error("the registry's {what} is out of disk space ({detail}); it is freeing space, try again in a minute")]
+    NoSpace { what: &'static str, detail: String },
     /// One platform of an index failed; the index cannot be served.
     #[error("{platform} ({system}) cannot be built: {cause}")]
     Platform {
@@ -64,9 +67,10 @@ impl BuildError {
     /// failure cache.
     pub fn is_transient(&self) -> bool {
         match self {
-            BuildError::Storage(_) | BuildError::Internal(_) | BuildError::Overloaded { .. } => {
-                true
-            }
+            BuildError::Storage(_)
+            | BuildError::Internal(_)
+            | BuildError::Overloaded { .. }
+            | BuildError::NoSpace { .. } => true,
             BuildError::Platform { cause, .. } => cause.is_transient(),
             _ => self.is_refusal(),
         }
@@ -265,6 +269,12 @@ impl From<BuildError> for RegistryError {
                 return err;
             }
             BuildError::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            BuildError::NoSpace { .. } => {
+                let mut err =
+                    RegistryError::new(StatusCode::INSUFFICIENT_STORAGE, "UNAVAILABLE", message);
+                err.retry_after_secs = Some(60);
+                return err;
+            }
             // Platform failures returned above, with their cause's status.
             BuildError::Internal(_) | BuildError::Platform { .. } => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN")

@@ -236,6 +236,7 @@ async fn builds(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({
         "builds": state.shared.builds(),
         "failures": state.shared.recent_failures(),
+        "store": state.shared.store_state(),
     }))
 }
 

@@ -23,6 +23,10 @@ pub struct Metrics {
     pub bytes_uploaded: IntCounter,
     pub cache_hits: IntCounterVec,
     pub rate_limited: IntCounterVec,
+    pub store_free_bytes: IntGauge,
+    pub gc_runs: IntCounter,
+    pub gc_freed_bytes: IntCounter,
+    pub gc_last_run: IntGauge,
 }
 
 impl Default for Metrics {
@@ -84,6 +88,21 @@ impl Metrics {
         registry
             .register(Box::new(rate_limited.clone()))
             .expect("unique metric");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let store_free_bytes = gauge(
+            "nix_store_free_bytes",
+            "Free bytes on the Nix store's filesystem",
+        );
+        let gc_last_run = gauge(
+            "nix_gc_last_run_timestamp_seconds",
+            "When Nix's garbage collector last ran (Unix time)",
+        );
         let builds_in_flight =
             IntGauge::new("builds_in_flight", "Builds running or queued").expect("valid metric");
         registry
@@ -110,6 +129,13 @@ impl Metrics {
             bytes_uploaded: counter("bytes_uploaded_total", "Blob bytes written to storage"),
             cache_hits,
             rate_limited,
+            store_free_bytes,
+            gc_runs: counter("nix_gc_runs_total", "Runs of Nix's garbage collector"),
+            gc_freed_bytes: counter(
+                "nix_gc_freed_bytes_total",
+                "Bytes Nix's garbage collector freed",
+            ),
+            gc_last_run,
             registry,
         }
     }

@@ -8,6 +8,7 @@ use crate::layers::StorePathInfo;
 use serde::Deserialize;
 
 pub mod errors;
+pub mod gc;
 pub mod progress;
 
 pub use progress::RealiseProgress;

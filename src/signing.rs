@@ -13,6 +13,16 @@
 //! `src/testdata/gcs-v4-signing/v4_signatures.json`, so URLs come out exactly
 //! as Google's own client libraries would produce them.
 //!
+//! `gcloud-storage` 1.3's signer (`Client::signed_url`) is not used because it
+//! reproduces only 12 of the 29 vectors (19 with a hand-written `URLStyle`,
+//! since its `PathStyle` hard-codes `storage.googleapis.com`): it leaves `&`
+//! unescaped in object names, cuts header values at the first `:`, keeps tabs,
+//! sorts canonical headers as `name:value` strings, writes `~` as `%7E` in the
+//! query and signs the endpoint's port into `host` (so `localhost:8080` and
+//! emulator endpoints like ours sign differently from Google's libraries).
+//! `object_store`'s GCS signer reproduces none, because it always takes the
+//! time from the clock and always signs `host:storage.googleapis.com`.
+//!
 //! In outline:
 //!
 //! ```text

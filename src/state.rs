@@ -25,6 +25,15 @@ pub struct BuildProgress {
     pub bytes_total: u64,
 }
 
+/// The Nix store's filesystem as last measured, and its last collection.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StoreState {
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+    pub last_gc_unix_time: Option<u64>,
+    pub last_gc_freed_bytes: Option<u64>,
+}
+
 /// A failed build, for the status page.
 #[derive(Debug, Clone, Serialize)]
 pub struct RecentFailure {
@@ -52,6 +61,10 @@ pub struct SharedState {
     known_blobs: RwLock<std::collections::HashSet<Digest>>,
     pub stats: Metrics,
     progress: Mutex<BTreeMap<String, BuildProgress>>,
+    /// Woken when a build found the Nix store's disk full.
+    pub gc_wanted: tokio::sync::Notify,
+    /// The Nix store's disk and its last collection, for the build page.
+    pub store: Mutex<StoreState>,
     failures: Mutex<Vec<RecentFailure>>,
 }
 
@@ -160,6 +173,10 @@ impl SharedState {
                 p
             })
             .collect()
+    }
+
+    pub fn store_state(&self) -> StoreState {
+        self.store.lock().expect("store lock").clone()
     }
 
     pub fn recent_failures(&self) -> Vec<RecentFailure> {

@@ -2083,3 +2083,20 @@ pub fn https_request(
     let tls = tls_connect(authority, ca, timeout)?;
     http_exchange(tls, method, authority, path, headers)
 }
+
+/// A counter or gauge without labels from the server's `/metrics`; 0 when absent.
+pub fn metric(server: &Server, name: &str) -> u64 {
+    let (status, _, body) = http_get(&server.url("/metrics"), &[]);
+    assert_eq!(status, 200, "GET /metrics");
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|v| v as u64)
+        .unwrap_or(0)
+}

@@ -186,6 +186,9 @@ impl Handler<BuildFinished> for BuildCoordinator {
             // A caller turned away is no failure of the image.
             Err(e) if e.is_refusal() => {}
             Err(e) => {
+                if matches!(e, BuildError::NoSpace { .. }) {
+                    shared.gc_wanted.notify_one();
+                }
                 shared.stats.builds_failed.inc();
                 shared.record_failure(progress.map(|p| p.image).unwrap_or_default(), e.to_string());
                 // Storage and internal faults are transient: the next request retries.

@@ -5,4 +5,5 @@
 pub mod coordinator;
 pub mod nix_worker;
 pub mod signer;
+pub mod store_gc;
 pub mod upload;

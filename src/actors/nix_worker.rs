@@ -38,6 +38,14 @@ pub struct Realise {
     pub progress: Box<dyn Fn(String) + Send>,
 }
 
+/// Run Nix's garbage collector, freeing up to `max_freed` bytes (all it can when
+/// None). Returns the bytes freed.
+#[derive(Message)]
+#[rtype(result = "Result<u64, BuildError>")]
+pub struct Collect {
+    pub max_freed: Option<u64>,
+}
+
 /// What goes into a layer.
 pub enum LayerContents {
     /// Store paths, whole.
@@ -155,6 +163,10 @@ impl NixWorker {
                 );
                 match self.summary(&stderr, system) {
                     Failure::Refused(line) => BuildError::Refused(line),
+                    Failure::NoSpace(line) => BuildError::NoSpace {
+                        what: "Nix store",
+                        detail: line,
+                    },
                     Failure::UnknownRevision(rev) => BuildError::UnknownCommit(rev),
                     Failure::Failed(text) => failed(text),
                 }
@@ -172,6 +184,7 @@ impl NixWorker {
                 let tail = match self.summary(&stderr, system) {
                     Failure::Failed(text) if text == nix::errors::NO_MESSAGE => String::new(),
                     Failure::Refused(text)
+                    | Failure::NoSpace(text)
                     | Failure::Failed(text)
                     | Failure::UnknownRevision(text) => text,
                 };
@@ -250,6 +263,16 @@ impl Handler<Realise> for NixWorker {
         let registration = String::from_utf8(self.nix_store(&dump, &msg.label)?)
             .map_err(|e| BuildError::Internal(format!("nix-store output: {e}")))?;
         nix::parse_registration(&registration).map_err(BuildError::Internal)
+    }
+}
+
+impl Handler<Collect> for NixWorker {
+    type Result = Result<u64, BuildError>;
+
+    fn handle(&mut self, msg: Collect, _: &mut Self::Context) -> Self::Result {
+        let out = self.nix_store(&nix::gc::gc_args(msg.max_freed), "garbage collection")?;
+        let text = String::from_utf8_lossy(&out);
+        Ok(nix::gc::parse_freed(&text).unwrap_or(0))
     }
 }
 

@@ -1,6 +1,7 @@
 //! SignerActor: turns a stored blob into where the client fetches it: a local file the
 //! server streams, or a V4-signed (or public) URL of the bucket object. Signed URLs are
 //! reused for half their lifetime, so a hot blob costs one RSA signature per period.
+//! S3 blobs come with their own presigner (HMAC, cheap): the URL is made per request.
 
 use crate::signing::{self, ServiceAccountKey, SignOptions, UrlStyle};
 use crate::storage::BlobLocation;
@@ -61,13 +62,30 @@ impl Actor for SignerActor {
 }
 
 impl Handler<LocateBlob> for SignerActor {
-    type Result = Result<BlobAccess, String>;
+    type Result = ResponseFuture<Result<BlobAccess, String>>;
 
     fn handle(&mut self, msg: LocateBlob, _: &mut Self::Context) -> Self::Result {
-        let (bucket, object) = match msg.location {
-            BlobLocation::File(path) => return Ok(BlobAccess::Stream(path)),
-            BlobLocation::Object { bucket, object } => (bucket, object),
+        let access = match msg.location {
+            BlobLocation::File(path) => Ok(BlobAccess::Stream(path)),
+            BlobLocation::Object { bucket, object } => self.object_url(bucket, object),
+            BlobLocation::Presigned(presigner) => {
+                let ttl = self.ttl;
+                return Box::pin(async move {
+                    presigner
+                        .url(ttl)
+                        .await
+                        .map(BlobAccess::Redirect)
+                        .map_err(|e| e.to_string())
+                });
+            }
         };
+        Box::pin(std::future::ready(access))
+    }
+}
+
+impl SignerActor {
+    /// A signed (or, without a key, public) URL of a GCS object.
+    fn object_url(&mut self, bucket: String, object: String) -> Result<BlobAccess, String> {
         let Some(key) = &self.key else {
             return Ok(BlobAccess::Redirect(signing::public_url(
                 &self.scheme,

@@ -25,6 +25,8 @@ pub enum Failure {
     /// `builtins.fetchGit` found no such commit: the tag named none, which is a
     /// 404 for the client, not a fault.
     UnknownRevision(String),
+    /// The store's disk is full: the build may well succeed once space is freed.
+    NoSpace(String),
     /// Anything else: at most a few lines (<= ~8 lines, <= ~1500 bytes), the cause
     /// first; [`NO_MESSAGE`] when Nix said nothing that explains it.
     Failed(String),
@@ -49,6 +51,12 @@ pub fn summarise(stderr: &[u8], ctx: &ErrorContext) -> Failure {
         return Failure::UnknownRevision(rev);
     }
     let text = sanitise(stderr);
+    if let Some(line) = text.lines().find(|l| l.contains("No space left on device")) {
+        return Failure::NoSpace(truncate(
+            &hide_paths(line.trim(), ctx.path_labels),
+            MAX_LINE_BYTES,
+        ));
+    }
     if let Some(line) = refusal(&text, ctx.system) {
         return Failure::Refused(truncate(&hide_paths(&line, ctx.path_labels), MAX_BYTES));
     }
@@ -496,8 +504,10 @@ mod tests {
             system: "x86_64-linux",
         };
         let failure = summarise(stderr.as_bytes(), &ctx);
-        let (Failure::Refused(text) | Failure::Failed(text) | Failure::UnknownRevision(text)) =
-            &failure;
+        let (Failure::Refused(text)
+        | Failure::Failed(text)
+        | Failure::UnknownRevision(text)
+        | Failure::NoSpace(text)) = &failure;
         assert!(!text.contains("/nix/store/"), "{text}");
         for (prefix, _) in &labels {
             assert!(!text.contains(prefix.as_str()), "{text}");
@@ -1059,6 +1069,19 @@ builder for 'bash-5.2.tar.gz.drv' failed with exit code 1\n\
         assert_eq!(
             summary(std::str::from_utf8(stderr).unwrap()),
             Failure::UnknownRevision("0123456789abcdef0123456789abcdef01234567".into())
+        );
+    }
+
+    #[test]
+    fn a_full_disk_is_named_as_such() {
+        let stderr = b"building '/nix/store/abc-hello.drv'...\nerror: writing to file: No space left on device\n";
+        let ctx = ErrorContext {
+            path_labels: &[],
+            system: "x86_64-linux",
+        };
+        assert_eq!(
+            summarise(stderr, &ctx),
+            Failure::NoSpace("error: writing to file: No space left on device".into())
         );
     }
 }

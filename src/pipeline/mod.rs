@@ -28,6 +28,7 @@ use crate::image::{Arch, ImageRequest};
 use crate::layers::{self, LayerParams, LayerPlan, Popularity, StorePathInfo};
 use crate::limits;
 use crate::manifest::{self, IndexEntry, LayerEntry, ManifestFormat, RuntimeConfig};
+use crate::nix::gc::{GcRoots, HeldRoots};
 use crate::nix::Evaluation;
 use crate::source::ResolvedSource;
 use crate::state::SharedState;
@@ -94,6 +95,8 @@ pub struct BuildContext {
     pub shared: Arc<SharedState>,
     /// Each client's allowance of new builds.
     pub limits: Arc<limits::Limits>,
+    /// Where builds root their paths against Nix's garbage collector.
+    roots: Option<Arc<GcRoots>>,
     layers: Mutex<HashMap<String, LayerRecord>>,
     layer_builds: Mutex<HashMap<String, PendingLayer>>,
     images: Mutex<HashMap<String, Arc<BuiltImage>>>,
@@ -115,10 +118,34 @@ impl BuildContext {
             settings,
             shared,
             limits,
+            roots: None,
             layers: Mutex::default(),
             layer_builds: Mutex::default(),
             images: Mutex::default(),
         }
+    }
+}
+
+impl BuildContext {
+    /// Builds root their derivations and outputs here from evaluation until their
+    /// layers are stored.
+    pub fn with_roots(mut self, roots: Arc<GcRoots>) -> Self {
+        self.roots = Some(roots);
+        self
+    }
+
+    fn hold_roots(&self, evaluation: &Evaluation) -> Result<Option<HeldRoots>, BuildError> {
+        let Some(roots) = &self.roots else {
+            return Ok(None);
+        };
+        let paths = evaluation
+            .packages
+            .iter()
+            .flat_map(|p| [p.drv_path.as_str(), p.path.as_str()]);
+        roots
+            .hold(paths)
+            .map(Some)
+            .map_err(|e| BuildError::Internal(format!("rooting the build's store paths: {e}")))
     }
 }
 
@@ -200,6 +227,8 @@ pub async fn build_image(c: &Arc<BuildContext>, job: &Job) -> Result<Arc<BuiltIm
         }
     }
     let evaluation = evaluate(c, job).await?;
+    // Until the layers are stored, Nix's collector must leave these paths alone.
+    let _roots = c.hold_roots(&evaluation)?;
     let image_key = image_key(&c.settings, job, &evaluation);
     if let Some(image) = records::known_image(c, &image_key).await? {
         let how = "top-level paths known, image reused without building";

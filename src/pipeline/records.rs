@@ -42,7 +42,14 @@ struct ReferrersRecord {
 }
 
 pub(super) fn storage_error(e: StorageError) -> BuildError {
-    BuildError::Storage(e.to_string())
+    let message = e.to_string();
+    if message.contains("No space left on device") {
+        return BuildError::NoSpace {
+            what: "storage",
+            detail: "no space left on device".into(),
+        };
+    }
+    BuildError::Storage(message)
 }
 
 /// A layer another build (or replica) stored, if its blob is still there.

@@ -1027,6 +1027,7 @@ mod tests {
             path: String::new(),
             bucket: bucket.into(),
             endpoint: endpoint.into(),
+            region: String::new(),
             credentials: String::new(),
             signed_url_ttl_secs: 300,
             upload_concurrency: 2,

@@ -1,5 +1,5 @@
-//! Where blobs (layers, configs, manifests) and cache records live: a local directory
-//! or a Google Cloud Storage bucket, behind one small interface that knows nothing of
+//! Where blobs (layers, configs, manifests) and cache records live: a local directory,
+//! a Google Cloud Storage bucket or an S3 bucket, behind one small interface that knows nothing of
 //! HTTP. Objects appear under their final name only when complete.
 //!
 //! Object names: blobs at `blobs/sha256/<hex>`, records at `records/<kind>/<key>.json`.
@@ -9,6 +9,7 @@ pub mod filesystem;
 pub mod gcs;
 #[cfg(test)]
 pub mod memory;
+pub mod s3;
 pub mod stream;
 
 use crate::reference::Digest;
@@ -132,11 +133,14 @@ pub enum BlobLocation {
     File(PathBuf),
     /// An object in the bucket, to be redirected to.
     Object { bucket: String, object: String },
+    /// An object in an S3 bucket, to be redirected to by a presigned URL.
+    Presigned(s3::Presigner),
 }
 
 pub enum Storage {
     Filesystem(filesystem::FsStorage),
     Gcs(gcs::GcsStorage),
+    S3(s3::S3Storage),
     /// Objects in memory, for unit tests.
     #[cfg(test)]
     Memory(memory::MemStorage),
@@ -147,6 +151,7 @@ impl Storage {
         match self {
             Storage::Filesystem(_) => "filesystem",
             Storage::Gcs(_) => "gcs",
+            Storage::S3(_) => "s3",
             #[cfg(test)]
             Storage::Memory(_) => "memory",
         }
@@ -158,6 +163,7 @@ impl Storage {
         match self {
             Storage::Filesystem(_) => filesystem::STREAM_CHUNK,
             Storage::Gcs(s) => s.chunk(),
+            Storage::S3(s) => s.chunk(),
             #[cfg(test)]
             Storage::Memory(_) => memory::STREAM_CHUNK,
         }
@@ -168,6 +174,7 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.blob_size(digest).await,
             Storage::Gcs(s) => s.blob_size(digest).await,
+            Storage::S3(s) => s.blob_size(digest).await,
             #[cfg(test)]
             Storage::Memory(s) => s.blob_size(digest).await,
         }
@@ -184,6 +191,7 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.put_blob_stream(pieces).await,
             Storage::Gcs(s) => s.put_blob_stream(pieces, media_type).await,
+            Storage::S3(s) => s.put_blob_stream(pieces, media_type).await,
             #[cfg(test)]
             Storage::Memory(s) => s.put_blob_stream(pieces).await,
         }
@@ -199,6 +207,7 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.put_blob_bytes(digest, bytes).await,
             Storage::Gcs(s) => s.put_blob_bytes(digest, bytes, media_type).await,
+            Storage::S3(s) => s.put_blob_bytes(digest, bytes, media_type).await,
             #[cfg(test)]
             Storage::Memory(s) => s.put_blob_bytes(digest, bytes).await,
         }
@@ -209,6 +218,7 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.read_object(&blob_object(digest)).await,
             Storage::Gcs(s) => s.read_object(&blob_object(digest)).await,
+            Storage::S3(s) => s.read_object(&blob_object(digest)).await,
             #[cfg(test)]
             Storage::Memory(s) => s.read_object(&blob_object(digest)).await,
         }
@@ -223,6 +233,7 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.read_object(&object).await,
             Storage::Gcs(s) => s.read_object(&object).await,
+            Storage::S3(s) => s.read_object(&object).await,
             #[cfg(test)]
             Storage::Memory(s) => s.read_object(&object).await,
         }
@@ -238,6 +249,7 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.write_object(&object, bytes).await,
             Storage::Gcs(s) => s.write_object(&object, bytes, "application/json").await,
+            Storage::S3(s) => s.write_object(&object, bytes).await,
             #[cfg(test)]
             Storage::Memory(s) => s.write_object(&object, bytes).await,
         }
@@ -252,6 +264,7 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.create_object_if_absent(object, bytes).await,
             Storage::Gcs(s) => s.create_object_if_absent(object, bytes).await,
+            Storage::S3(s) => s.create_object_if_absent(object, bytes).await,
             #[cfg(test)]
             Storage::Memory(s) => s.create_object_if_absent(object, bytes).await,
         }
@@ -261,6 +274,7 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.read_object(object).await,
             Storage::Gcs(s) => s.read_object(object).await,
+            Storage::S3(s) => s.read_object(object).await,
             #[cfg(test)]
             Storage::Memory(s) => s.read_object(object).await,
         }
@@ -271,6 +285,7 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => s.delete_object(object).await,
             Storage::Gcs(s) => s.delete_object(object).await,
+            Storage::S3(s) => s.delete_object(object).await,
             #[cfg(test)]
             Storage::Memory(s) => s.delete_object(object).await,
         }
@@ -345,6 +360,7 @@ impl Storage {
         match self {
             Storage::Filesystem(s) => &s.held_leases,
             Storage::Gcs(s) => &s.held_leases,
+            Storage::S3(s) => &s.held_leases,
             #[cfg(test)]
             Storage::Memory(s) => &s.held_leases,
         }
@@ -357,6 +373,7 @@ impl Storage {
                 bucket: s.bucket().to_string(),
                 object: blob_object(digest),
             },
+            Storage::S3(s) => BlobLocation::Presigned(s.presigner(&blob_object(digest))),
             // Nothing serves this bucket: a test that needs a blob's bytes reads them.
             #[cfg(test)]
             Storage::Memory(_) => BlobLocation::Object {

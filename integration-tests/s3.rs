@@ -1,0 +1,567 @@
+mod common;
+
+// Black-box tests of the s3 storage backend against moto's S3 server on
+// 127.0.0.1 (`pip install "moto[server]"`, see scripts/install-deps): pulls
+// through presigned blob redirects, a large layer streamed through a
+// multipart upload while it is packed, two replicas building an image once,
+// a second process and a restart reusing the bucket without building, and
+// start-up with a missing bucket.
+//
+// Every test starts its own moto (in memory) with the bucket `layers`, and its
+// own servers with dummy AWS credentials. moto does not check signatures, so
+// the tests check the shape of the presigned URL and that it serves the blob.
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{
+    free_port, http_get, http_head, http_request, pull_and_run, random_hex, require_root,
+    require_tool, run_with_timeout, sha256_digest, skopeo_copy, tail_lines, terminate, Server,
+};
+
+const BUCKET: &str = "layers";
+const DOCKER_V2S2: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// The moto server command: `$MOTO_SERVER`, `moto_server` on PATH, or `python3
+/// -m moto.server` when moto is importable.
+fn moto_command() -> Option<Command> {
+    if let Some(p) = std::env::var_os("MOTO_SERVER") {
+        return Some(Command::new(p));
+    }
+    if common::which("moto_server").is_some() {
+        return Some(Command::new("moto_server"));
+    }
+    let importable = Command::new("python3")
+        .args(["-c", "import moto.server, flask"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    importable.then(|| {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "moto.server"]);
+        cmd
+    })
+}
+
+/// True when moto is installed; otherwise skips (a failure under
+/// `NIXERY_REQUIRE_CLIENTS=1`).
+fn require_moto() -> bool {
+    if moto_command().is_some() {
+        return true;
+    }
+    let why = "moto is not installed (pip install \"moto[server]\", or run scripts/install-deps)";
+    if common::clients_required() {
+        panic!("{why} (NIXERY_REQUIRE_CLIENTS=1)");
+    }
+    eprintln!("SKIP: {why}");
+    false
+}
+
+/// A private moto S3 server on 127.0.0.1 holding the bucket `layers`; killed on
+/// `Drop`, its log printed when a test fails.
+struct Moto {
+    child: Option<Child>,
+    port: u16,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let dir = tempfile::Builder::new()
+            .prefix("nixery-moto-")
+            .tempdir()
+            .expect("temp dir");
+        let mut moto = Moto {
+            child: None,
+            port: 0,
+            log_path: dir.path().join("moto.log"),
+            _dir: dir,
+        };
+        // The port is picked, released and then bound by moto; another process
+        // may take it in between, so a failed start is retried.
+        for _ in 0..3 {
+            moto.port = free_port();
+            if moto.spawn() {
+                moto.create_bucket(BUCKET);
+                return moto;
+            }
+        }
+        panic!("moto did not start; log:\n{}", moto.log());
+    }
+
+    fn spawn(&mut self) -> bool {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("moto log");
+        let child = moto_command()
+            .expect("moto installed (see require_moto)")
+            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("clone log")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn moto");
+        self.child = Some(child);
+        let url = format!("{}/", self.endpoint());
+        let end = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < end {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    self.child = None;
+                    return false;
+                }
+            }
+            if http_request("GET", &url, &[], Duration::from_secs(2))
+                .is_ok_and(|(status, _, _)| status == 200)
+            {
+                return true;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child, Duration::from_secs(2));
+        }
+        false
+    }
+
+    fn create_bucket(&self, name: &str) {
+        let url = format!("{}/{name}", self.endpoint());
+        let (status, _, body) = http_request(
+            "PUT",
+            &url,
+            &[("Content-Length", "0")],
+            Duration::from_secs(10),
+        )
+        .expect("PUT bucket");
+        assert_eq!(status, 200, "PUT {url}: {}", String::from_utf8_lossy(&body));
+    }
+
+    /// `http://127.0.0.1:PORT`
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Keys in the bucket under `prefix` (ListObjectsV2).
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        let url = format!("{}/{BUCKET}?list-type=2&prefix={prefix}", self.endpoint());
+        let (status, _, body) = http_get(&url, &[]);
+        let text = String::from_utf8_lossy(&body).to_string();
+        assert_eq!(status, 200, "GET {url}: {text}");
+        text.split("<Key>")
+            .skip(1)
+            .filter_map(|s| s.split_once("</Key>").map(|(k, _)| k.to_string()))
+            .collect()
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "===== moto log (last 30 lines) =====\n{}",
+                tail_lines(&self.log(), 30)
+            );
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The environment of a server on moto's `layers` bucket, with dummy credentials.
+fn s3_env(moto: &Moto) -> Vec<(&'static str, String)> {
+    vec![
+        ("NIXERY_STORAGE_BACKEND", "s3".into()),
+        ("S3_BUCKET", BUCKET.into()),
+        ("NIXERY_STORAGE__ENDPOINT", moto.endpoint()),
+        ("NIXERY_STORAGE__REGION", "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID", "AKIDNIXERYTEST".into()),
+        ("AWS_SECRET_ACCESS_KEY", "nixery-test-secret".into()),
+        // Nothing of the machine's own AWS setup.
+        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".into()),
+        ("AWS_EC2_METADATA_DISABLED", "true".into()),
+    ]
+}
+
+/// A server on moto's `layers` bucket; `extra` overrides (e.g. `NIXERY_PKGS_PATH`).
+fn start_server(moto: &Moto, extra: &[(&str, &str)]) -> Server {
+    let base = s3_env(moto);
+    let mut env: Vec<(&str, &str)> = base.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    env.extend_from_slice(extra);
+    let server = Server::start(&env);
+    assert!(
+        server
+            .log()
+            .contains("storage: s3 bucket layers at http://127.0.0.1:"),
+        "not on the s3 backend (see its log)",
+    );
+    server
+}
+
+/// GET the Docker manifest of `name:latest`; returns its digest and JSON.
+fn manifest(server: &Server, name: &str) -> (String, serde_json::Value) {
+    let url = server.url(&format!("/v2/{name}/manifests/latest"));
+    let (status, h, body) = http_get(&url, &[("Accept", DOCKER_V2S2)]);
+    assert_eq!(status, 200, "GET {url}: {}", String::from_utf8_lossy(&body));
+    let digest = h
+        .get("docker-content-digest")
+        .expect("Docker-Content-Digest")
+        .to_string();
+    assert_eq!(
+        digest,
+        sha256_digest(&body),
+        "digest is not the body's hash"
+    );
+    (
+        digest,
+        serde_json::from_slice(&body).expect("manifest JSON"),
+    )
+}
+
+/// The config and layer digests a manifest names.
+fn blob_digests(m: &serde_json::Value) -> Vec<String> {
+    std::iter::once(&m["config"])
+        .chain(m["layers"].as_array().expect("layers").iter())
+        .map(|d| d["digest"].as_str().expect("digest").to_string())
+        .collect()
+}
+
+/// HEAD and GET of a blob answer 307 to a presigned (SigV4) URL of the object on
+/// moto, path-style, with the digest; the URL serves bytes of that digest.
+fn check_blob_redirect(server: &Server, moto: &Moto, name: &str, digest: &str) -> Vec<u8> {
+    let url = server.url(&format!("/v2/{name}/blobs/{digest}"));
+    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+    let prefix = format!("{}/{BUCKET}/blobs/sha256/{hex}?", moto.endpoint());
+    let (status, head) = http_head(&url, &[]);
+    let (status_get, get, _) = http_get(&url, &[]);
+    let mut location = String::new();
+    for (method, status, h) in [("HEAD", status, &head), ("GET", status_get, &get)] {
+        assert_eq!(status, 307, "{method} {url}: {h:?}");
+        assert_eq!(h.get("docker-content-digest"), Some(digest), "{h:?}");
+        let loc = h.get("location").expect("Location").to_string();
+        assert!(
+            loc.starts_with(&prefix),
+            "{method} Location {loc} is not path-style on moto ({prefix}…)"
+        );
+        for part in [
+            "X-Amz-Algorithm=AWS4-HMAC-SHA256",
+            "X-Amz-Credential=AKIDNIXERYTEST%2F",
+            "%2Fus-east-1%2Fs3%2Faws4_request",
+            "X-Amz-Expires=300",
+            "X-Amz-Signature=",
+        ] {
+            assert!(loc.contains(part), "{method} Location lacks {part}: {loc}");
+        }
+        location = loc;
+    }
+    let (status, _, bytes) = http_get(&location, &[]);
+    assert_eq!(
+        status,
+        200,
+        "GET {location}: {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    assert_eq!(sha256_digest(&bytes), digest, "bytes at {location}");
+    bytes
+}
+
+/// The value of a counter in `/metrics`.
+fn metric(server: &Server, name: &str) -> u64 {
+    let (status, _, body) = http_get(&server.url("/metrics"), &[]);
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&body);
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+/// What a server did, from its log and metrics.
+#[derive(Debug)]
+struct Work {
+    builds: usize,
+    uploads: usize,
+    reused: usize,
+    realisations: u64,
+    layers_built: u64,
+    bytes_uploaded: u64,
+}
+
+fn work(server: &Server) -> Work {
+    let log = server.log();
+    let count = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
+    Work {
+        builds: count(" layers built, "),
+        uploads: count(" uploaded blobs/"),
+        reused: count("image reused without building"),
+        realisations: metric(server, "nixery_nix_realisations_total"),
+        layers_built: metric(server, "nixery_layers_built_total"),
+        bytes_uploaded: metric(server, "nixery_bytes_uploaded_total"),
+    }
+}
+
+fn assert_no_work(what: &str, w: &Work) {
+    assert!(
+        w.builds == 0
+            && w.uploads == 0
+            && w.reused >= 1
+            && w.realisations == 0
+            && w.layers_built == 0
+            && w.bytes_uploaded == 0,
+        "{what} built or uploaded: {w:?}",
+    );
+}
+
+fn can_pull_and_run() -> bool {
+    let mut ok = require_moto() & require_root();
+    for t in ["skopeo", "umoci", "chroot"] {
+        ok &= require_tool(t);
+    }
+    ok
+}
+
+// ---------------------------------------------------------------------------
+
+#[test]
+fn skopeo_pulls_hello_through_presigned_redirects_and_it_runs() {
+    if !can_pull_and_run() {
+        return;
+    }
+    let moto = Moto::start();
+    let server = start_server(&moto, &[]);
+    let out = pull_and_run(server.addr(), "hello", &["/bin/hello"]);
+    assert_eq!(out.stdout.trim(), "Hello, world!", "{out}");
+
+    let (_, m) = manifest(&server, "hello");
+    let blobs = blob_digests(&m);
+    // skopeo fetched every blob from moto, through a redirect.
+    let redirects = server
+        .log()
+        .lines()
+        .filter(|l| l.contains("/blobs/sha256:") && l.contains("\" 307 "))
+        .count();
+    assert!(
+        redirects >= blobs.len(),
+        "{redirects} blob redirects logged for {} blobs",
+        blobs.len()
+    );
+    for d in &blobs {
+        check_blob_redirect(&server, &moto, "hello", d);
+    }
+    // Blobs and records are in the bucket under their names; nothing in staging.
+    let keys = moto.keys("");
+    for d in &blobs {
+        let key = format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
+        assert!(keys.contains(&key), "{key} not in {keys:?}");
+    }
+    assert!(
+        keys.iter().any(|k| k.starts_with("records/images/")),
+        "{keys:?}"
+    );
+    assert_eq!(moto.keys("staging/"), Vec::<String>::new());
+
+    // An unknown blob is a registry error, not a redirect.
+    let missing = format!("sha256:{}", "0".repeat(64));
+    let (status, h) = http_head(&server.url(&format!("/v2/hello/blobs/{missing}")), &[]);
+    assert_eq!(status, 404, "{h:?}");
+    assert!(h.get("location").is_none(), "{h:?}");
+}
+
+#[test]
+fn a_large_layer_streams_into_the_bucket_while_it_is_packed() {
+    if !require_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    // 1 MiB chunks, 5 MiB parts: the 6 MiB of random data in `noise` make a
+    // layer of two parts or more.
+    let server = start_server(&moto, &[("NIXERY_STORAGE__UPLOAD_CHUNK_MIB", "1")]);
+    let started = Instant::now();
+    let (_, m) = manifest(&server, "noise");
+    eprintln!("noise built and stored in {:?}", started.elapsed());
+    let (digest, size) = m["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().expect("digest").to_string(),
+                l["size"].as_u64().expect("size"),
+            )
+        })
+        .max_by_key(|(_, size)| *size)
+        .expect("a layer");
+    assert!(size > 6 << 20, "the data layer is only {size} bytes");
+
+    // The upload began before packing ended.
+    let log = server.log();
+    let streaming: Vec<usize> = log
+        .match_indices("streaming a layer into staging/")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(streaming.len(), 1, "one layer above a chunk:\n{log}");
+    let packed = log
+        .find(&format!("packed layer {digest}"))
+        .unwrap_or_else(|| panic!("no 'packed layer {digest}' line:\n{log}"));
+    assert!(
+        streaming[0] < packed,
+        "the upload began only after packing:\n{log}"
+    );
+    let hex = digest.trim_start_matches("sha256:");
+    assert!(
+        log.contains(&format!(
+            "uploaded blobs/sha256/{hex} ({size} bytes, streamed while packed)"
+        )),
+        "{log}"
+    );
+    // Published under its digest, complete, through a multipart upload; nothing
+    // left in staging.
+    let bytes = check_blob_redirect(&server, &moto, "noise", &digest);
+    assert_eq!(bytes.len() as u64, size);
+    assert_eq!(moto.keys("staging/"), Vec::<String>::new());
+    let moto_log = moto.log();
+    assert!(
+        moto_log.contains("uploadId=") && moto_log.contains("partNumber="),
+        "no multipart upload in moto's log"
+    );
+
+    if can_pull_and_run() {
+        let out = pull_and_run(server.addr(), "noise", &["/bin/noise-check"]);
+        assert!(out.stdout.contains("data: OK"), "{out}");
+    }
+}
+
+#[test]
+fn two_replicas_on_one_bucket_build_a_new_image_once() {
+    if !require_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let first = start_server(&moto, &[]);
+    let pkgs = first.pkgs_path().display().to_string();
+    let second = start_server(&moto, &[("NIXERY_PKGS_PATH", &pkgs)]);
+    let barrier = std::sync::Barrier::new(4);
+    let digests: Vec<String> = thread::scope(|s| {
+        let handles: Vec<_> = [&first, &second, &first, &second]
+            .into_iter()
+            .map(|server| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    manifest(server, "alpha/beta").0
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(digests.iter().all(|d| *d == digests[0]), "{digests:?}");
+    let (a, b) = (work(&first), work(&second));
+    eprintln!("replica 1: {a:?}\nreplica 2: {b:?}");
+    assert_eq!(a.builds + b.builds, 1, "exactly one build: {a:?} {b:?}");
+    assert_eq!(a.realisations + b.realisations, 1, "{a:?} {b:?}");
+    let idle = if a.builds == 1 { &b } else { &a };
+    assert_eq!((idle.uploads, idle.bytes_uploaded), (0, 0), "{idle:?}");
+    // The lease is released.
+    assert_eq!(moto.keys("leases/"), Vec::<String>::new());
+}
+
+#[test]
+fn second_process_and_restart_reuse_the_bucket_without_building_or_uploading() {
+    if !require_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let mut first = start_server(&moto, &[]);
+    let (digest, m) = manifest(&first, "hello");
+    let w1 = work(&first);
+    eprintln!("first server:     {w1:?}");
+    assert!(
+        w1.builds == 1 && w1.uploads >= 4 && w1.realisations == 1,
+        "the first server should build and upload: {w1:?}",
+    );
+
+    let pkgs = first.pkgs_path().display().to_string();
+    let pkgs_env = [("NIXERY_PKGS_PATH", pkgs.as_str())];
+    let second = start_server(&moto, &pkgs_env);
+    let (digest2, m2) = manifest(&second, "hello");
+    assert_eq!(digest2, digest, "the second server assembled another image");
+    assert_eq!(m2, m);
+    let w2 = work(&second);
+    eprintln!("second server:    {w2:?}");
+    assert_no_work("the second server", &w2);
+    for d in blob_digests(&m2) {
+        check_blob_redirect(&second, &moto, "hello", &d);
+    }
+
+    first.stop();
+    let restarted = start_server(&moto, &pkgs_env);
+    let (digest3, _) = manifest(&restarted, "hello");
+    assert_eq!(
+        digest3, digest,
+        "the restarted server assembled another image"
+    );
+    let w3 = work(&restarted);
+    eprintln!("restarted server: {w3:?}");
+    assert_no_work("the restarted server", &w3);
+    if require_tool("skopeo") {
+        let dir = tempfile::tempdir().unwrap();
+        skopeo_copy(restarted.addr(), "hello", &dir.path().join("layout"));
+        assert_no_work("the restarted server (after a pull)", &work(&restarted));
+    }
+}
+
+#[test]
+fn startup_with_a_missing_bucket_exits_with_one_line_naming_it() {
+    if !require_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    let pkgs = common::fresh_pkgs_copy();
+    let bucket = format!("missing-{}", random_hex());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixery"));
+    cmd.env("PORT", "0")
+        .env("NIXERY_LISTEN", "127.0.0.1")
+        .env("NIXERY_PKGS_PATH", pkgs.path())
+        .env("RUST_LOG", "info")
+        .env("NIX_CONFIG", common::NIX_CONFIG);
+    for (k, v) in s3_env(&moto) {
+        cmd.env(k, v);
+    }
+    cmd.env("S3_BUCKET", &bucket);
+    let started = Instant::now();
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(30));
+    assert!(!out.success(), "started without its bucket:\n{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?} to notice the missing bucket",
+        started.elapsed()
+    );
+    let text = out.combined();
+    assert!(!text.contains("listening on"), "{out}");
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains(&bucket)).collect();
+    assert_eq!(lines.len(), 1, "expected one line naming {bucket}:\n{out}");
+    assert!(
+        lines[0].contains("does not exist") && lines[0].contains(&moto.endpoint()),
+        "{out}"
+    );
+    assert!(lines[0].contains("S3_BUCKET"), "{out}");
+    eprintln!("{}", lines[0]);
+}
