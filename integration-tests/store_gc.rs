@@ -32,7 +32,7 @@ fn collection_while_builds_run_frees_garbage_and_breaks_no_build() {
 
     let wrappers = NixWrappers::new();
     // Builds stay in flight for a while, so collections happen during them.
-    wrappers.set_realise_delay("2");
+    wrappers.set_realise_delay("6");
     let roots = format!("/nix/var/nix/gcroots/nixery-test-{}", random_hex());
     let server = Server::start(&[
         ("NIXERY_NIX__BIN_DIR", &wrappers.bin_dir()),
@@ -43,6 +43,9 @@ fn collection_while_builds_run_frees_garbage_and_breaks_no_build() {
         ("NIXERY_NIX__GC_CHECK_SECS", "1"),
     ]);
 
+    // An input every build needs, built beforehand and rooted by nothing but the
+    // builds in flight (through their derivations).
+    let input = nix_build(server.pkgs_path(), &["busybox"]);
     let names = ["hello", "cowsay", "cowsay/hello", "tools.figlet"];
     let started = Instant::now();
     let server_ref = &server;
@@ -51,12 +54,27 @@ fn collection_while_builds_run_frees_garbage_and_breaks_no_build() {
             .iter()
             .map(|n| s.spawn(move || manifest(server_ref, n)))
             .collect();
-        // The registry keeps answering while it collects.
+        // The registry keeps answering while it collects, and a collection that
+        // finished while builds were in flight left their inputs alone.
+        let mut input_checked = false;
         while handles.iter().any(|h| !h.is_finished()) {
-            let (status, _, _) = http_get(&server.url("/healthz"), &[]);
+            let (status, _, _) = http_get(&server_ref.url("/healthz"), &[]);
             assert_eq!(status, 200);
+            if !input_checked && metric(server_ref, "nixery_nix_gc_runs_total") >= 1 {
+                assert!(
+                    Path::new(&input[0]).exists(),
+                    "a collection took {}, an input of builds in flight",
+                    input[0]
+                );
+                input_checked = true;
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
+        assert!(
+            input_checked,
+            "no collection finished while builds were in flight; log:\n{}",
+            tail_lines(&server_ref.log(), 40)
+        );
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for (name, (status, body)) in names.iter().zip(&results) {

@@ -87,9 +87,15 @@ pub fn free_space(path: &Path) -> std::io::Result<(u64, u64)> {
 }
 
 /// `nix-store` arguments that free up to `max_freed` bytes (everything
-/// unreachable when None).
+/// unreachable when None). A build in flight roots its derivations, whose inputs'
+/// outputs (busybox for hello) it still needs: `keep-outputs` keeps those too.
 pub fn gc_args(max_freed: Option<u64>) -> Vec<String> {
-    let mut args = vec!["--gc".to_string()];
+    let mut args = vec![
+        "--gc".to_string(),
+        "--option".to_string(),
+        "keep-outputs".to_string(),
+        "true".to_string(),
+    ];
     if let Some(bytes) = max_freed {
         args.extend(["--max-freed".to_string(), bytes.to_string()]);
     }
@@ -168,7 +174,17 @@ mod tests {
             Some(0)
         );
         assert_eq!(parse_freed("nothing"), None);
-        assert_eq!(gc_args(Some(10)), ["--gc", "--max-freed", "10"]);
+        assert_eq!(
+            gc_args(Some(10)),
+            [
+                "--gc",
+                "--option",
+                "keep-outputs",
+                "true",
+                "--max-freed",
+                "10"
+            ]
+        );
     }
 
     #[test]
