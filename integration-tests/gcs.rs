@@ -15,9 +15,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    fresh_pkgs_copy, http_get, http_head, http_request, metric, pull_and_run, random_hex,
-    require_fake_gcs, require_root, require_tool, run_with_timeout, sha256_digest, skopeo_copy,
-    Containerd, FakeGcs, Server,
+    assert_no_work, fresh_pkgs_copy, http_get, http_head, http_request, metric, pull_and_run,
+    random_hex, require_fake_gcs, require_root, require_tool, run_with_timeout, sha256_digest,
+    skopeo_copy, Containerd, FakeGcs, Server, Work,
 };
 
 const BUCKET: &str = "layers";
@@ -116,43 +116,9 @@ fn check_blob_redirect(server: &Server, gcs: &FakeGcs, name: &str, digest: &str)
     bytes
 }
 
-/// What a server did, from its log and metrics.
-#[derive(Debug)]
-struct Work {
-    /// `N layers built` log lines: images assembled from a Nix build.
-    builds: usize,
-    /// `uploaded blobs/…` log lines of the gcs backend.
-    uploads: usize,
-    /// `image reused without building` log lines.
-    reused: usize,
-    realisations: u64,
-    layers_built: u64,
-    bytes_uploaded: u64,
-}
-
+/// What a server did, from its log and metrics (a counter not yet shown is 0).
 fn work(server: &Server) -> Work {
-    let log = server.log();
-    let count = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
-    Work {
-        builds: count(" layers built, "),
-        uploads: count(" uploaded blobs/"),
-        reused: count("image reused without building"),
-        realisations: metric(server, "nixery_nix_realisations_total"),
-        layers_built: metric(server, "nixery_layers_built_total"),
-        bytes_uploaded: metric(server, "nixery_bytes_uploaded_total"),
-    }
-}
-
-fn assert_no_work(what: &str, w: &Work) {
-    assert!(
-        w.builds == 0
-            && w.uploads == 0
-            && w.reused >= 1
-            && w.realisations == 0
-            && w.layers_built == 0
-            && w.bytes_uploaded == 0,
-        "{what} built or uploaded: {w:?}",
-    );
+    common::work(server, metric)
 }
 
 /// Whether this machine can pull an image from the emulator and run it.

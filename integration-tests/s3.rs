@@ -18,8 +18,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    free_port, http_get, http_head, http_request, pull_and_run, random_hex, require_root,
-    require_tool, run_with_timeout, sha256_digest, skopeo_copy, tail_lines, terminate, Server,
+    assert_no_work, free_port, http_get, http_head, http_request, pull_and_run, random_hex,
+    require_root, require_tool, required_metric, run_with_timeout, sha256_digest, skopeo_copy,
+    spawn_emulator, tail_lines, Server, Work,
 };
 
 const BUCKET: &str = "layers";
@@ -94,41 +95,19 @@ impl Moto {
         panic!("moto did not start; log:\n{}", moto.log());
     }
 
+    /// Spawns on `self.port` and waits up to 30 s for `GET /`.
     fn spawn(&mut self) -> bool {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .expect("moto log");
-        let child = moto_command()
-            .expect("moto installed (see require_moto)")
-            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone().expect("clone log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn moto");
-        self.child = Some(child);
-        let url = format!("{}/", self.endpoint());
-        let end = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < end {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(_)) = child.try_wait() {
-                    self.child = None;
-                    return false;
-                }
-            }
-            if http_request("GET", &url, &[], Duration::from_secs(2))
-                .is_ok_and(|(status, _, _)| status == 200)
-            {
-                return true;
-            }
-            thread::sleep(Duration::from_millis(100));
-        }
-        if let Some(mut child) = self.child.take() {
-            terminate(&mut child, Duration::from_secs(2));
-        }
-        false
+        let mut cmd = moto_command().expect("moto installed (see require_moto)");
+        cmd.args(["-H", "127.0.0.1", "-p", &self.port.to_string()]);
+        self.child = spawn_emulator(
+            "moto",
+            &mut cmd,
+            &self.log_path,
+            &format!("{}/", self.endpoint()),
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+        );
+        self.child.is_some()
     }
 
     fn create_bucket(&self, name: &str) {
@@ -277,57 +256,9 @@ fn check_blob_redirect(server: &Server, moto: &Moto, name: &str, digest: &str) -
     bytes
 }
 
-/// The value of a counter in `/metrics`.
-fn metric(server: &Server, name: &str) -> u64 {
-    let (status, _, body) = http_get(&server.url("/metrics"), &[]);
-    assert_eq!(status, 200);
-    let text = String::from_utf8_lossy(&body);
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .map(|v| v as u64)
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
-}
-
-/// What a server did, from its log and metrics.
-#[derive(Debug)]
-struct Work {
-    builds: usize,
-    uploads: usize,
-    reused: usize,
-    realisations: u64,
-    layers_built: u64,
-    bytes_uploaded: u64,
-}
-
+/// What a server did, from its log and metrics (every counter must be shown).
 fn work(server: &Server) -> Work {
-    let log = server.log();
-    let count = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
-    Work {
-        builds: count(" layers built, "),
-        uploads: count(" uploaded blobs/"),
-        reused: count("image reused without building"),
-        realisations: metric(server, "nixery_nix_realisations_total"),
-        layers_built: metric(server, "nixery_layers_built_total"),
-        bytes_uploaded: metric(server, "nixery_bytes_uploaded_total"),
-    }
-}
-
-fn assert_no_work(what: &str, w: &Work) {
-    assert!(
-        w.builds == 0
-            && w.uploads == 0
-            && w.reused >= 1
-            && w.realisations == 0
-            && w.layers_built == 0
-            && w.bytes_uploaded == 0,
-        "{what} built or uploaded: {w:?}",
-    );
+    common::work(server, required_metric)
 }
 
 fn can_pull_and_run() -> bool {

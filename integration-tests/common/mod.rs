@@ -1179,11 +1179,6 @@ impl FakeGcs {
 
     /// Spawns on `self.port` and waits up to 20 s for `GET /storage/v1/b`.
     fn spawn(&mut self) -> bool {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .expect("fake-gcs log");
         let host = self.host();
         let mut cmd = Command::new(&self.bin);
         cmd.args(["-scheme", "http", "-host", "127.0.0.1", "-port"])
@@ -1194,39 +1189,21 @@ impl FakeGcs {
         } else {
             cmd.args(["-backend", "memory"]);
         }
-        let child = cmd
-            .arg("-data")
+        cmd.arg("-data")
             .arg(self.dir.path().join("data"))
             .arg("-public-host")
             .arg(&host)
             .arg("-external-url")
-            .arg(format!("http://{host}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log.try_clone().expect("clone log")))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn fake-gcs-server");
-        self.child = Some(child);
-        let url = format!("http://{host}/storage/v1/b");
-        let end = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < end {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(_)) = child.try_wait() {
-                    self.child = None;
-                    return false;
-                }
-            }
-            if http_request("GET", &url, &[], Duration::from_secs(2))
-                .is_ok_and(|(status, _, _)| status == 200)
-            {
-                return true;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        if let Some(mut child) = self.child.take() {
-            terminate(&mut child, Duration::from_secs(2));
-        }
-        false
+            .arg(format!("http://{host}"));
+        self.child = spawn_emulator(
+            "fake-gcs-server",
+            &mut cmd,
+            &self.log_path,
+            &format!("http://{host}/storage/v1/b"),
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+        );
+        self.child.is_some()
     }
 
     pub fn port(&self) -> u16 {
@@ -2086,9 +2063,20 @@ pub fn https_request(
 
 /// A counter or gauge without labels from the server's `/metrics`; 0 when absent.
 pub fn metric(server: &Server, name: &str) -> u64 {
+    metric_and_page(server, name).0.unwrap_or(0)
+}
+
+/// Like [`metric`], but a metric that is absent fails the test.
+pub fn required_metric(server: &Server, name: &str) -> u64 {
+    let (value, text) = metric_and_page(server, name);
+    value.unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+fn metric_and_page(server: &Server, name: &str) -> (Option<u64>, String) {
     let (status, _, body) = http_get(&server.url("/metrics"), &[]);
     assert_eq!(status, 200, "GET /metrics");
-    String::from_utf8_lossy(&body)
+    let text = String::from_utf8_lossy(&body).to_string();
+    let value = text
         .lines()
         .find_map(|l| {
             l.strip_prefix(name)?
@@ -2097,6 +2085,86 @@ pub fn metric(server: &Server, name: &str) -> u64 {
                 .parse::<f64>()
                 .ok()
         })
-        .map(|v| v as u64)
-        .unwrap_or(0)
+        .map(|v| v as u64);
+    (value, text)
+}
+
+/// Spawns a storage emulator (`what`, for messages) with its output appended to
+/// `log_path`, and waits up to `limit` for `GET url` to answer 200, asking every
+/// `poll`. None when it exits first (its port was taken, say) or does not answer
+/// in time (it is then terminated): the caller may try again on another port.
+pub fn spawn_emulator(
+    what: &str,
+    cmd: &mut Command,
+    log_path: &Path,
+    url: &str,
+    limit: Duration,
+    poll: Duration,
+) -> Option<Child> {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .unwrap_or_else(|e| panic!("{what} log: {e}"));
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().expect("clone log")))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if let Ok(Some(_)) = child.try_wait() {
+            return None;
+        }
+        if http_request("GET", url, &[], Duration::from_secs(2))
+            .is_ok_and(|(status, _, _)| status == 200)
+        {
+            return Some(child);
+        }
+        thread::sleep(poll);
+    }
+    terminate(&mut child, Duration::from_secs(2));
+    None
+}
+
+/// What a server on a bucket backend did, from its log and metrics.
+#[derive(Debug)]
+pub struct Work {
+    /// `N layers built` log lines: images assembled from a Nix build.
+    pub builds: usize,
+    /// `uploaded blobs/…` log lines of the bucket backend.
+    pub uploads: usize,
+    /// `image reused without building` log lines.
+    pub reused: usize,
+    pub realisations: u64,
+    pub layers_built: u64,
+    pub bytes_uploaded: u64,
+}
+
+/// What `server` has done so far; `metric` reads its counters.
+pub fn work(server: &Server, metric: fn(&Server, &str) -> u64) -> Work {
+    let log = server.log();
+    let count = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
+    Work {
+        builds: count(" layers built, "),
+        uploads: count(" uploaded blobs/"),
+        reused: count("image reused without building"),
+        realisations: metric(server, "nixery_nix_realisations_total"),
+        layers_built: metric(server, "nixery_layers_built_total"),
+        bytes_uploaded: metric(server, "nixery_bytes_uploaded_total"),
+    }
+}
+
+/// Fails unless the server answered from the bucket without building or uploading.
+pub fn assert_no_work(what: &str, w: &Work) {
+    assert!(
+        w.builds == 0
+            && w.uploads == 0
+            && w.reused >= 1
+            && w.realisations == 0
+            && w.layers_built == 0
+            && w.bytes_uploaded == 0,
+        "{what} built or uploaded: {w:?}",
+    );
 }

@@ -22,6 +22,7 @@
 //! (the packer stops at its next chunk); the layer is packed again on the next
 //! request, which gives the same bytes.
 
+use super::staging::{self, StagingBucket};
 use super::stream::{BlobReceiver, Piece};
 use super::{blob_object, crc32c, Put, StorageError};
 use crate::config::StorageSettings;
@@ -55,11 +56,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const MIN_UPLOAD_BYTES_PER_SEC: u64 = 256 << 10;
 /// How long `open` keeps trying to reach the bucket.
 const OPEN_DEADLINE: Duration = Duration::from_secs(10);
-/// Where layers are uploaded before their digest is known.
-const STAGING_PREFIX: &str = "staging/";
-/// A staging object lives from the end of its upload to the end of the copy, a
-/// few seconds; one this old was left by a process that died in between.
-const STAGING_MAX_AGE: Duration = Duration::from_secs(3600);
 
 pub struct GcsStorage {
     /// Boxed: the client is a few hundred bytes and would bloat `Storage`.
@@ -221,24 +217,6 @@ fn normalize_endpoint(endpoint: &str) -> String {
     } else {
         format!("http://{e}")
     }
-}
-
-/// `staging/<host>-<pid>-<random>`: the holder part lets a restarted process on the
-/// same host remove what its dead predecessor left at once.
-fn staging_object() -> String {
-    format!(
-        "{STAGING_PREFIX}{}-{:016x}",
-        super::holder_tag(),
-        rand::random::<u64>()
-    )
-}
-
-/// Whether a staging object was named by a process on this host that is gone.
-fn staged_by_dead_process(object: &str) -> bool {
-    object
-        .strip_prefix(STAGING_PREFIX)
-        .and_then(|name| name.rsplit_once('-'))
-        .is_some_and(|(tag, _random)| super::tag_is_dead(tag))
 }
 
 impl GcsStorage {
@@ -404,29 +382,10 @@ impl GcsStorage {
     /// notes). Returns whether this call created the blob and how many bytes it sent.
     pub async fn put_blob_stream(
         &self,
-        mut pieces: BlobReceiver,
+        pieces: BlobReceiver,
         media_type: &str,
     ) -> Result<Put, StorageError> {
-        match pieces.next().await {
-            None => Err(StorageError::Abandoned),
-            Some(Piece::End {
-                tail, digest, size, ..
-            }) => {
-                let created = self.put_blob_bytes(&digest, tail, media_type).await?;
-                Ok(Put {
-                    uploaded: created,
-                    bytes: if created { size } else { 0 },
-                })
-            }
-            Some(Piece::Chunk(first)) => {
-                let staging = staging_object();
-                let result = self.put_staged(&staging, first, pieces, media_type).await;
-                if result.is_err() {
-                    self.discard_staging(&staging);
-                }
-                result
-            }
-        }
+        staging::put_stream(self, pieces, media_type).await
     }
 
     async fn put_staged(
@@ -660,25 +619,25 @@ impl GcsStorage {
 
     /// Removes staging objects left by processes that died between upload and
     /// copy: those of dead processes on this host, and any older than
-    /// [`STAGING_MAX_AGE`]. Best effort: leftovers cost only space.
+    /// [`staging::MAX_AGE`]. Best effort: leftovers cost only space.
     async fn sweep_staging(&self) {
         let now = super::unix_now() as i64;
         let mut page_token = None;
         loop {
             let req = ListObjectsRequest {
                 bucket: self.bucket.clone(),
-                prefix: Some(STAGING_PREFIX.to_string()),
+                prefix: Some(staging::PREFIX.to_string()),
                 page_token: page_token.take(),
                 ..Default::default()
             };
-            let listed = match retry("list", STAGING_PREFIX, REQUEST_TIMEOUT, || async {
+            let listed = match retry("list", staging::PREFIX, REQUEST_TIMEOUT, || async {
                 Ok(self.client.list_objects(&req).await?)
             })
             .await
             {
                 Ok(l) => l,
                 Err(e) => {
-                    log::warn!("gcs list {STAGING_PREFIX}: {e}; leftovers stay for now");
+                    log::warn!("gcs list {}: {e}; leftovers stay for now", staging::PREFIX);
                     return;
                 }
             };
@@ -687,8 +646,7 @@ impl GcsStorage {
                     .time_created
                     .map(|t| now - t.unix_timestamp())
                     .unwrap_or(0);
-                let dead = staged_by_dead_process(&o.name);
-                if dead || age > STAGING_MAX_AGE.as_secs() as i64 {
+                if staging::is_leftover(&o.name, age) {
                     log::info!("removing leftover {}", o.name);
                     if let Err(e) = self.delete_object(&o.name).await {
                         log::warn!("{e}");
@@ -883,6 +841,31 @@ impl GcsStorage {
             content_type: content_type.to_string().into(),
             content_length: Some(size),
         }
+    }
+}
+
+impl StagingBucket for GcsStorage {
+    async fn put_whole(
+        &self,
+        digest: &Digest,
+        bytes: Bytes,
+        media_type: &str,
+    ) -> Result<bool, StorageError> {
+        self.put_blob_bytes(digest, bytes, media_type).await
+    }
+
+    async fn upload_staged(
+        &self,
+        staging: &str,
+        first: Bytes,
+        pieces: BlobReceiver,
+        media_type: &str,
+    ) -> Result<Put, StorageError> {
+        self.put_staged(staging, first, pieces, media_type).await
+    }
+
+    async fn discard_staged(&self, staging: &str) {
+        self.discard_staging(staging);
     }
 }
 
@@ -1419,7 +1402,7 @@ mod tests {
                 .client
                 .list_objects(&ListObjectsRequest {
                     bucket: "layers".into(),
-                    prefix: Some(STAGING_PREFIX.into()),
+                    prefix: Some(staging::PREFIX.into()),
                     ..Default::default()
                 })
                 .await
@@ -1494,15 +1477,7 @@ mod tests {
 
         // Staging objects left by a dead process on this host, or old ones, are
         // removed at start-up; a live replica's are not.
-        let dead_pid = {
-            let mut child = std::process::Command::new("true").spawn().unwrap();
-            child.wait().unwrap();
-            child.id()
-        };
-        let host = super::super::lease_holder();
-        let host = host.rsplit_once(':').unwrap().0;
-        let dead = format!("{STAGING_PREFIX}{host}-{dead_pid}-00000000000000aa");
-        let live = format!("{STAGING_PREFIX}other-host-1-00000000000000bb");
+        let (dead, live) = staging::dead_and_live_objects();
         for o in [&dead, &live] {
             s.write_object(
                 o,

@@ -10,6 +10,7 @@ pub mod gcs;
 #[cfg(test)]
 pub mod memory;
 pub mod s3;
+mod staging;
 pub mod stream;
 
 use crate::reference::Digest;

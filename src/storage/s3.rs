@@ -32,6 +32,7 @@
 //! Every request is retried by `object_store` on 5xx, 429, timeouts and connection
 //! errors, with exponential backoff (see [`retry_config`]).
 
+use super::staging::{self, StagingBucket};
 use super::stream::{BlobReceiver, Piece};
 use super::{blob_object, Put, StorageError};
 use crate::config::StorageSettings;
@@ -58,11 +59,6 @@ const OPEN_DEADLINE: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Uploads slower than this are considered stalled and retried.
 const MIN_UPLOAD_BYTES_PER_SEC: u64 = 256 << 10;
-/// Where layers are uploaded before their digest is known.
-const STAGING_PREFIX: &str = "staging/";
-/// A staging object lives from the end of its upload to the end of the copy, a
-/// few seconds; one this old was left by a process that died in between.
-const STAGING_MAX_AGE: Duration = Duration::from_secs(3600);
 /// Parts of one layer in flight while the next part fills.
 const PARTS_IN_FLIGHT: usize = 1;
 
@@ -146,24 +142,6 @@ pub fn retry_config() -> RetryConfig {
 /// Parts are whole chunks, and no smaller than S3 allows.
 fn part_size(chunk: usize) -> usize {
     chunk.max(MIN_PART).div_ceil(chunk) * chunk
-}
-
-/// `staging/<host>-<pid>-<random>`: the holder part lets a restarted process on the
-/// same host remove what its dead predecessor left at once.
-fn staging_object() -> String {
-    format!(
-        "{STAGING_PREFIX}{}-{:016x}",
-        super::holder_tag(),
-        rand::random::<u64>()
-    )
-}
-
-/// Whether a staging object was named by a process on this host that is gone.
-fn staged_by_dead_process(object: &str) -> bool {
-    object
-        .strip_prefix(STAGING_PREFIX)
-        .and_then(|name| name.rsplit_once('-'))
-        .is_some_and(|(tag, _random)| super::tag_is_dead(tag))
 }
 
 /// The sections of an AWS shared credentials or config file: `[name]` headers and
@@ -312,7 +290,7 @@ impl S3Storage {
     /// Lists `staging/` (which the sweep needs anyway); `object_store` retries a
     /// server that is still starting within the deadline.
     async fn check_bucket(&self) -> Result<(), StorageError> {
-        let prefix = ObjectPath::from(STAGING_PREFIX);
+        let prefix = ObjectPath::from(staging::PREFIX);
         let listed = tokio::time::timeout(
             OPEN_DEADLINE,
             self.store.list(Some(&prefix)).try_collect::<Vec<_>>(),
@@ -373,30 +351,10 @@ impl S3Storage {
     /// notes). Returns whether this call created the blob and how many bytes it sent.
     pub async fn put_blob_stream(
         &self,
-        mut pieces: BlobReceiver,
+        pieces: BlobReceiver,
         media_type: &str,
     ) -> Result<Put, StorageError> {
-        match pieces.next().await {
-            None => Err(StorageError::Abandoned),
-            Some(Piece::End {
-                tail, digest, size, ..
-            }) => {
-                let created = self.put_blob_bytes(&digest, tail, media_type).await?;
-                Ok(Put {
-                    uploaded: created,
-                    bytes: if created { size } else { 0 },
-                })
-            }
-            Some(Piece::Chunk(first)) => {
-                let staging = staging_object();
-                let result = self.put_staged(&staging, first, pieces, media_type).await;
-                if result.is_err() {
-                    // Best effort: the next start-up sweeps what is left.
-                    let _ = self.store.delete(&ObjectPath::from(staging.as_str())).await;
-                }
-                result
-            }
-        }
+        staging::put_stream(self, pieces, media_type).await
     }
 
     async fn put_staged(
@@ -520,16 +478,17 @@ impl S3Storage {
 
     /// Removes staging objects left by processes that died between upload and
     /// copy: those of dead processes on this host, and any older than
-    /// [`STAGING_MAX_AGE`]. Best effort: leftovers cost only space. (Parts of
+    /// [`staging::MAX_AGE`]. Best effort: leftovers cost only space. (Parts of
     /// multipart uploads a dead process never completed are not objects; a bucket
     /// lifecycle rule, AbortIncompleteMultipartUpload, removes them.)
     async fn sweep_staging(&self) {
-        let prefix = ObjectPath::from(STAGING_PREFIX);
+        let prefix = ObjectPath::from(staging::PREFIX);
         let listed = match self.store.list(Some(&prefix)).try_collect::<Vec<_>>().await {
             Ok(l) => l,
             Err(e) => {
                 log::warn!(
-                    "s3 list {STAGING_PREFIX}: {}; leftovers stay for now",
+                    "s3 list {}: {}; leftovers stay for now",
+                    staging::PREFIX,
                     with_causes(&e)
                 );
                 return;
@@ -539,7 +498,7 @@ impl S3Storage {
         for o in listed {
             let age = now - o.last_modified.timestamp();
             let name = o.location.to_string();
-            if staged_by_dead_process(&name) || age > STAGING_MAX_AGE.as_secs() as i64 {
+            if staging::is_leftover(&name, age) {
                 log::info!("removing leftover {name}");
                 if let Err(e) = self.delete_object(&name).await {
                     log::warn!("{e}");
@@ -633,6 +592,31 @@ impl S3Storage {
             .await
             .map(drop)
             .map_err(|e| io("write", object, e))
+    }
+}
+
+impl StagingBucket for S3Storage {
+    async fn put_whole(
+        &self,
+        digest: &Digest,
+        bytes: Bytes,
+        media_type: &str,
+    ) -> Result<bool, StorageError> {
+        self.put_blob_bytes(digest, bytes, media_type).await
+    }
+
+    async fn upload_staged(
+        &self,
+        staging: &str,
+        first: Bytes,
+        pieces: BlobReceiver,
+        media_type: &str,
+    ) -> Result<Put, StorageError> {
+        self.put_staged(staging, first, pieces, media_type).await
+    }
+
+    async fn discard_staged(&self, staging: &str) {
+        let _ = self.store.delete(&ObjectPath::from(staging)).await;
     }
 }
 
@@ -732,24 +716,6 @@ aws_access_key_id = only
         assert_eq!(credentials_from_file(&env), None);
         let home = HashMap::from([("HOME".to_string(), dir.path().display().to_string())]);
         assert_eq!(credentials_from_file(&home), None);
-    }
-
-    #[test]
-    fn dead_processes_staging_objects_are_recognised() {
-        let dead_pid = {
-            let mut child = std::process::Command::new("true").spawn().unwrap();
-            child.wait().unwrap();
-            child.id()
-        };
-        let holder = super::super::lease_holder();
-        let host = holder.rsplit_once(':').unwrap().0;
-        assert!(staged_by_dead_process(&format!(
-            "{STAGING_PREFIX}{host}-{dead_pid}-00000000000000aa"
-        )));
-        assert!(!staged_by_dead_process(&staging_object()));
-        assert!(!staged_by_dead_process(&format!(
-            "{STAGING_PREFIX}other-host-1-00000000000000bb"
-        )));
     }
 
     fn store(endpoint: &str) -> S3Storage {
@@ -977,15 +943,7 @@ aws_access_key_id = only
 
         // Staging objects of a dead process on this host are swept at start-up;
         // a live replica's are not.
-        let dead_pid = {
-            let mut child = std::process::Command::new("true").spawn().unwrap();
-            child.wait().unwrap();
-            child.id()
-        };
-        let holder = super::super::lease_holder();
-        let host = holder.rsplit_once(':').unwrap().0;
-        let dead = format!("{STAGING_PREFIX}{host}-{dead_pid}-00000000000000aa");
-        let live = format!("{STAGING_PREFIX}other-host-1-00000000000000bb");
+        let (dead, live) = staging::dead_and_live_objects();
         for o in [&dead, &live] {
             s.write_object(o, Bytes::from_static(b"partial"))
                 .await
