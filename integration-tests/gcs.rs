@@ -15,9 +15,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_no_work, fresh_pkgs_copy, http_get, http_head, http_request, metric, pull_and_run,
-    random_hex, require_fake_gcs, require_root, require_tool, run_with_timeout, sha256_digest,
-    skopeo_copy, Containerd, FakeGcs, Server, Work,
+    assert_no_work, assert_streamed_while_packed, fresh_pkgs_copy, http_get, http_head,
+    http_request, largest_layer, metric, pull_and_run, random_hex, require_fake_gcs, require_root,
+    require_tool, run_with_timeout, sha256_digest, skopeo_copy, Containerd, FakeGcs, Server, Work,
 };
 
 const BUCKET: &str = "layers";
@@ -576,42 +576,11 @@ fn a_large_layer_streams_into_the_bucket_while_it_is_packed_and_runs() {
     // 1 MiB chunks: the 6 MiB of random data in `noise` make a layer of six or more.
     let server = start_server(&gcs, &[("NIXERY_STORAGE__UPLOAD_CHUNK_MIB", "1")]);
     let (_, m) = manifest(&server, "noise");
-    let (digest, size) = m["layers"]
-        .as_array()
-        .expect("layers")
-        .iter()
-        .map(|l| {
-            (
-                l["digest"].as_str().expect("digest").to_string(),
-                l["size"].as_u64().expect("size"),
-            )
-        })
-        .max_by_key(|(_, size)| *size)
-        .expect("a layer");
+    let (digest, size) = largest_layer(&m);
     assert!(size > 6 << 20, "the data layer is only {size} bytes");
-
     // The first chunk was stored in the bucket before packing finished: the
     // packer hands a chunk over only once the one before it is stored.
-    let log = server.log();
-    let streaming: Vec<usize> = log
-        .match_indices("streaming a layer into staging/")
-        .map(|(i, _)| i)
-        .collect();
-    assert_eq!(streaming.len(), 1, "one layer above a chunk:\n{log}");
-    let packed = log
-        .find(&format!("packed layer {digest}"))
-        .unwrap_or_else(|| panic!("no 'packed layer {digest}' line:\n{log}"));
-    assert!(
-        streaming[0] < packed,
-        "the upload began only after packing ended:\n{log}"
-    );
-    assert!(
-        log.contains(&format!(
-            "uploaded blobs/sha256/{} ({size} bytes, streamed while packed)",
-            digest.trim_start_matches("sha256:")
-        )),
-        "{log}"
-    );
+    assert_streamed_while_packed(&server.log(), &digest, size);
 
     // Published under its digest, complete; nothing left in staging.
     let bytes = check_blob_redirect(&server, &gcs, "noise", &digest);

@@ -24,9 +24,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    cimage_command, http_get, http_head, http_request, random_hex, registry_error, require_root,
-    require_tool, run_fail, run_ok, sha256_digest, test_nix_config, Containerd, Dockerd,
-    NixWrappers, Server,
+    cimage_command, http_get, http_head, http_request, podman_run_args, random_hex, registry_error,
+    require_root, require_tool, run_fail, run_ok, sha256_digest, test_nix_config, Containerd,
+    Dockerd, NixWrappers, Server,
 };
 use serde_json::{json, Value};
 
@@ -577,20 +577,7 @@ fn podman_pulls_the_arm64_image_with_arch_and_runs_the_amd64_one() {
         "podman pull on amd64 fetched the arm64 manifest: {served:?}"
     );
     assert_eq!(arch_of(), "amd64 linux");
-    let out = run_ok(podman().args([
-        "run",
-        "--rm",
-        "--runtime",
-        "runc",
-        "--network",
-        "none",
-        "--ulimit",
-        "nofile=1024:1024",
-        "--ulimit",
-        "nproc=1000:1000",
-        &image,
-        "/bin/hello",
-    ]));
+    let out = run_ok(podman().args(podman_run_args(&image, &["/bin/hello"])));
     assert_eq!(out.stdout.trim(), "Hello, world!", "{out}");
 }
 

@@ -10,8 +10,8 @@
 mod common;
 
 use common::{
-    chroot, cimage_command, http_get, http_head, random_hex, require_root, require_tool, run_fail,
-    run_ok, sha256_digest, skopeo_unpack, Containerd, Dockerd, Server,
+    chroot, cimage_command, http_get, http_head, podman_run_args, random_hex, require_root,
+    require_tool, run_fail, run_ok, sha256_digest, skopeo_unpack, Containerd, Dockerd, Server,
 };
 
 const DOCKER_V2S2: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -183,20 +183,7 @@ fn podman_pull_inspect_and_run_hello() {
         "{out}"
     );
 
-    let out = run_ok(podman().args([
-        "run",
-        "--rm",
-        "--runtime",
-        "runc",
-        "--network",
-        "none",
-        "--ulimit",
-        "nofile=1024:1024",
-        "--ulimit",
-        "nproc=1000:1000",
-        &image,
-        "/bin/hello",
-    ]));
+    let out = run_ok(podman().args(podman_run_args(&image, &["/bin/hello"])));
     assert_eq!(out.stdout.trim(), "Hello, world!", "{out}");
 }
 

@@ -18,9 +18,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_no_work, free_port, http_get, http_head, http_request, pull_and_run, random_hex,
-    require_root, require_tool, required_metric, run_with_timeout, sha256_digest, skopeo_copy,
-    spawn_emulator, tail_lines, Server, Work,
+    assert_no_work, assert_streamed_while_packed, free_port, http_get, http_head, http_request,
+    largest_layer, pull_and_run, random_hex, require_root, require_tool, required_metric,
+    run_with_timeout, sha256_digest, skopeo_copy, spawn_emulator, tail_lines, Server, Work,
 };
 
 const BUCKET: &str = "layers";
@@ -328,41 +328,10 @@ fn a_large_layer_streams_into_the_bucket_while_it_is_packed() {
     let started = Instant::now();
     let (_, m) = manifest(&server, "noise");
     eprintln!("noise built and stored in {:?}", started.elapsed());
-    let (digest, size) = m["layers"]
-        .as_array()
-        .expect("layers")
-        .iter()
-        .map(|l| {
-            (
-                l["digest"].as_str().expect("digest").to_string(),
-                l["size"].as_u64().expect("size"),
-            )
-        })
-        .max_by_key(|(_, size)| *size)
-        .expect("a layer");
+    let (digest, size) = largest_layer(&m);
     assert!(size > 6 << 20, "the data layer is only {size} bytes");
-
     // The upload began before packing ended.
-    let log = server.log();
-    let streaming: Vec<usize> = log
-        .match_indices("streaming a layer into staging/")
-        .map(|(i, _)| i)
-        .collect();
-    assert_eq!(streaming.len(), 1, "one layer above a chunk:\n{log}");
-    let packed = log
-        .find(&format!("packed layer {digest}"))
-        .unwrap_or_else(|| panic!("no 'packed layer {digest}' line:\n{log}"));
-    assert!(
-        streaming[0] < packed,
-        "the upload began only after packing:\n{log}"
-    );
-    let hex = digest.trim_start_matches("sha256:");
-    assert!(
-        log.contains(&format!(
-            "uploaded blobs/sha256/{hex} ({size} bytes, streamed while packed)"
-        )),
-        "{log}"
-    );
+    assert_streamed_while_packed(&server.log(), &digest, size);
     // Published under its digest, complete, through a multipart upload; nothing
     // left in staging.
     let bytes = check_blob_redirect(&server, &moto, "noise", &digest);

@@ -311,6 +311,66 @@ pub fn podman_command(state: &Path) -> Command {
     cmd
 }
 
+/// `podman run` arguments that work on this kind of machine (runc, no network,
+/// rlimits runc accepts), running `argv` in `image`.
+pub fn podman_run_args<'a>(image: &'a str, argv: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "run",
+        "--rm",
+        "--runtime",
+        "runc",
+        "--network",
+        "none",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1000:1000",
+        image,
+    ];
+    args.extend_from_slice(argv);
+    args
+}
+
+/// The digest and size of the largest layer a manifest names.
+pub fn largest_layer(manifest: &serde_json::Value) -> (String, u64) {
+    manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().expect("digest").to_string(),
+                l["size"].as_u64().expect("size"),
+            )
+        })
+        .max_by_key(|(_, size)| *size)
+        .expect("a layer")
+}
+
+/// Asserts from a server's log that the layer `digest` of `size` bytes went into
+/// the bucket through staging while it was still being packed.
+pub fn assert_streamed_while_packed(log: &str, digest: &str, size: u64) {
+    let streaming: Vec<usize> = log
+        .match_indices("streaming a layer into staging/")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(streaming.len(), 1, "one layer above a chunk:\n{log}");
+    let packed = log
+        .find(&format!("packed layer {digest}"))
+        .unwrap_or_else(|| panic!("no 'packed layer {digest}' line:\n{log}"));
+    assert!(
+        streaming[0] < packed,
+        "the upload began only after packing ended:\n{log}"
+    );
+    let hex = digest.trim_start_matches("sha256:");
+    assert!(
+        log.contains(&format!(
+            "uploaded blobs/sha256/{hex} ({size} bytes, streamed while packed)"
+        )),
+        "{log}"
+    );
+}
+
 /// `skopeo copy docker://ADDR/NAME:latest oci:LAYOUT:latest`.
 pub fn skopeo_copy(addr: &str, name: &str, layout: &Path) {
     run_ok(cimage_command("skopeo").args([
