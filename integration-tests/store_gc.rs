@@ -31,8 +31,9 @@ fn collection_while_builds_run_frees_garbage_and_breaks_no_build() {
     assert!(Path::new(&garbage[0]).exists());
 
     let wrappers = NixWrappers::new();
-    // Builds stay in flight for a while, so collections happen during them.
-    wrappers.set_realise_delay("6");
+    // Builds stay in flight long enough for a whole collection to run during them
+    // (one scans the whole store: seconds on a big one).
+    wrappers.set_realise_delay("10");
     let roots = format!("/nix/var/nix/gcroots/nixery-test-{}", random_hex());
     let server = Server::start(&[
         ("NIXERY_NIX__BIN_DIR", &wrappers.bin_dir()),
