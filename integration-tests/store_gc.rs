@@ -20,11 +20,20 @@ fn manifest(server: &Server, name: &str) -> (u16, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// The collector of one test's server takes what another server in the same run
+/// has not rooted yet; these tests run one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn count(log: &str, needle: &str) -> usize {
+    log.matches(needle).count()
+}
+
 #[test]
 fn collection_while_builds_run_frees_garbage_and_breaks_no_build() {
     if !require_root() {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // Garbage: a path of the test package set that nothing roots.
     let garbage_set = fresh_pkgs_copy();
     let garbage = nix_build(garbage_set.path(), &["cowsay"]);
@@ -33,7 +42,7 @@ fn collection_while_builds_run_frees_garbage_and_breaks_no_build() {
     let wrappers = NixWrappers::new();
     // Builds stay in flight long enough for a whole collection to run during them
     // (one scans the whole store: seconds on a big one).
-    wrappers.set_realise_delay("10");
+    wrappers.set_realise_delay("20");
     let roots = format!("/nix/var/nix/gcroots/nixery-test-{}", random_hex());
     let server = Server::start(&[
         ("NIXERY_NIX__BIN_DIR", &wrappers.bin_dir()),
@@ -44,9 +53,6 @@ fn collection_while_builds_run_frees_garbage_and_breaks_no_build() {
         ("NIXERY_NIX__GC_CHECK_SECS", "1"),
     ]);
 
-    // An input every build needs, built beforehand and rooted by nothing but the
-    // builds in flight (through their derivations).
-    let input = nix_build(server.pkgs_path(), &["busybox"]);
     let names = ["hello", "cowsay", "cowsay/hello", "tools.figlet"];
     let started = Instant::now();
     let server_ref = &server;
@@ -55,25 +61,38 @@ fn collection_while_builds_run_frees_garbage_and_breaks_no_build() {
             .iter()
             .map(|n| s.spawn(move || manifest(server_ref, n)))
             .collect();
-        // The registry keeps answering while it collects, and a collection that
-        // finished while builds were in flight left their inputs alone.
+        // The registry keeps answering while it collects. Once every build is
+        // rooted and waiting for its realisation, an input they all need (busybox)
+        // is built, rooted by nothing but their derivations; a collection that
+        // starts after that must leave it alone.
+        let mut input: Option<(String, usize)> = None;
         let mut input_checked = false;
         while handles.iter().any(|h| !h.is_finished()) {
             let (status, _, _) = http_get(&server_ref.url("/healthz"), &[]);
             assert_eq!(status, 200);
-            if !input_checked && metric(server_ref, "nixery_nix_gc_runs_total") >= 1 {
-                assert!(
-                    Path::new(&input[0]).exists(),
-                    "a collection took {}, an input of builds in flight",
-                    input[0]
-                );
-                input_checked = true;
+            let log = server_ref.log();
+            match &input {
+                None if count(&log, "]: building") >= names.len() => {
+                    let path = nix_build(server_ref.pkgs_path(), &["busybox"]).remove(0);
+                    let started = count(&server_ref.log(), "collecting Nix store garbage");
+                    input = Some((path, started));
+                }
+                Some((path, started))
+                    if !input_checked && count(&log, "Nix garbage collection freed") > *started =>
+                {
+                    assert!(
+                        Path::new(path).exists(),
+                        "a collection took {path}, an input of builds in flight"
+                    );
+                    input_checked = true;
+                }
+                _ => {}
             }
             std::thread::sleep(Duration::from_millis(200));
         }
         assert!(
             input_checked,
-            "no collection finished while builds were in flight; log:\n{}",
+            "no collection ran whole while builds were in flight; log:\n{}",
             tail_lines(&server_ref.log(), 40)
         );
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -187,6 +206,7 @@ fn a_full_storage_disk_is_a_507_that_says_so_and_leaves_nothing_half_written() {
     if !require_root() {
         return;
     }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // Room for the configs and manifests, not for the busybox layer (~1 MB).
     let disk = Tmpfs::mount("256k");
     let storage = disk.dir.path().join("storage");

@@ -63,6 +63,10 @@ pub struct SharedState {
     progress: Mutex<BTreeMap<String, BuildProgress>>,
     /// Woken when a build found the Nix store's disk full.
     pub gc_wanted: tokio::sync::Notify,
+    /// Held for writing while Nix's collector runs. A collection only sees the roots
+    /// that existed when it started, so a build that rooted its paths waits for one
+    /// in progress to end before it trusts them to be there.
+    pub collecting: tokio::sync::RwLock<()>,
     /// The Nix store's disk and its last collection, for the build page.
     pub store: Mutex<StoreState>,
     failures: Mutex<Vec<RecentFailure>>,

@@ -81,7 +81,10 @@ impl StoreGc {
             free >> 20
         );
         let started = Instant::now();
-        let freed = match self.worker.send(Collect { max_freed }).await {
+        let collecting = self.shared.collecting.write().await;
+        let sent = self.worker.send(Collect { max_freed }).await;
+        drop(collecting);
+        let freed = match sent {
             Ok(Ok(freed)) => freed,
             Ok(Err(e)) => {
                 log::warn!("Nix garbage collection failed: {e}");

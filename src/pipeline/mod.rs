@@ -226,9 +226,7 @@ pub async fn build_image(c: &Arc<BuildContext>, job: &Job) -> Result<Arc<BuiltIm
             return Ok(image);
         }
     }
-    let evaluation = evaluate(c, job).await?;
-    // Until the layers are stored, Nix's collector must leave these paths alone.
-    let _roots = c.hold_roots(&evaluation)?;
+    let (evaluation, _roots) = evaluate_rooted(c, job).await?;
     let image_key = image_key(&c.settings, job, &evaluation);
     if let Some(image) = records::known_image(c, &image_key).await? {
         let how = "top-level paths known, image reused without building";
@@ -303,6 +301,41 @@ fn admit(c: &BuildContext, job: &Job) -> Result<(), BuildError> {
         .check(limits::Kind::Builds, &client.key, &c.shared.stats)
         .map(drop)
         .map_err(BuildError::BuildLimit)
+}
+
+/// Step 1 with the result rooted until the build ends, so Nix's collector leaves the
+/// derivations and outputs alone. A collection that was running while they were
+/// rooted may still have taken derivations it had found dead; then they are
+/// written again.
+async fn evaluate_rooted(
+    c: &BuildContext,
+    job: &Job,
+) -> Result<(Evaluation, Option<HeldRoots>), BuildError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let evaluation = evaluate(c, job).await?;
+        let roots = c.hold_roots(&evaluation)?;
+        if roots.is_none() {
+            return Ok((evaluation, None));
+        }
+        // Waits for a collection in progress; the next one sees the roots.
+        drop(c.shared.collecting.read().await);
+        let lost: Vec<&str> = evaluation
+            .packages
+            .iter()
+            .map(|p| p.drv_path.as_str())
+            .filter(|d| !std::path::Path::new(d).exists())
+            .collect();
+        if lost.is_empty() || attempts == 3 {
+            return Ok((evaluation, roots));
+        }
+        log::info!(
+            "build {}: a garbage collection took {} derivations during evaluation; evaluating again",
+            job.label(),
+            lost.len()
+        );
+    }
 }
 
 /// Step 1: the packages' derivations and output paths, or which names are unknown.
