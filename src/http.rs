@@ -70,16 +70,21 @@ impl AppState {
         client: Option<Client>,
     ) -> GetImage {
         match (request.arch, index) {
-            (None, Some(_)) if self.systems.len() > 1 => GetImage {
-                key: pipeline::index_key(request, source, &self.systems),
-                name: request.display_name(),
-                target: Target::Index(
-                    self.systems
-                        .iter()
-                        .map(|a| Job::new(request, *a, source).for_client(client.clone()))
-                        .collect(),
-                ),
-            },
+            (None, Some(_)) if self.systems.len() > 1 => {
+                // The jobs' keys are the index key's material: computed once, on
+                // every warm request.
+                let jobs: Vec<Job> = self
+                    .systems
+                    .iter()
+                    .map(|a| Job::new(request, *a, source).for_client(client.clone()))
+                    .collect();
+                let keys: Vec<&str> = jobs.iter().map(|j| j.key.as_str()).collect();
+                GetImage {
+                    key: pipeline::index_key_of(&keys),
+                    name: request.display_name(),
+                    target: Target::Index(jobs),
+                }
+            }
             (arch, _) => GetImage::image(
                 Job::new(request, arch.unwrap_or(self.default_arch()), source).for_client(client),
             ),

@@ -211,6 +211,11 @@ pub fn index_key(request: &ImageRequest, source: &ResolvedSource, archs: &[Arch]
         .iter()
         .map(|a| request_key(&request.for_arch(*a), source))
         .collect();
+    index_key_of(&children)
+}
+
+/// [`index_key`] from the request keys of its platforms' jobs, already computed.
+pub fn index_key_of<S: AsRef<str> + serde::Serialize>(children: &[S]) -> String {
     sha256_hex(&serde_json::to_vec(&("index", children)).expect("keys serialise"))
 }
 

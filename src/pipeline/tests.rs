@@ -232,6 +232,8 @@ fn keys_follow_the_source_and_the_platforms() {
     assert_ne!(both, key);
     assert_ne!(both, index_key(&hello, &v2, &[Arch::Amd64, Arch::Arm64]));
     assert_ne!(both, index_key(&hello, &source(false), &[Arch::Amd64]));
+    let jobs = [Arch::Amd64, Arch::Arm64].map(|a| Job::new(&hello, a, &source(false)).key);
+    assert_eq!(both, index_key_of(&jobs));
 }
 
 #[actix_rt::test]
