@@ -65,13 +65,12 @@ pub struct Exceeded {
 
 impl Exceeded {
     pub fn headers(&self) -> [(&'static str, String); 2] {
-        [
-            (
-                "RateLimit-Limit",
-                format!("{};w={}", self.limit, self.window_secs),
-            ),
-            ("RateLimit-Remaining", "0".into()),
-        ]
+        Allowance {
+            limit: self.limit,
+            window_secs: self.window_secs,
+            remaining: 0,
+        }
+        .headers()
     }
 
     pub fn message(&self) -> String {

@@ -274,9 +274,8 @@ impl Auth {
         repository: Option<&str>,
     ) -> Result<Caller, Denied> {
         match credentials {
-            Credentials::None if self.anonymous == Anonymous::None => Err(Denied::NoCredentials),
-            // Anonymous callers fetch a token too (docker always does); without
-            // one they get the challenge that sends them there.
+            // Anonymous callers fetch a token too (docker always does), under
+            // every policy; without one they get the challenge that sends them there.
             Credentials::None => Err(Denied::NoCredentials),
             Credentials::Malformed => Err(Denied::Malformed),
             Credentials::Basic { user, password } => self.login(user, password).await,
