@@ -116,10 +116,8 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         cache_home: fetch_cache_dir(),
         path_labels,
     };
-    let gc_worker = {
-        let worker = worker.clone();
-        SyncArbiter::start(1, move || worker.clone())
-    };
+    // The collector's own worker, started only where builds can be rooted.
+    let gc_worker = worker.clone();
     let nix_workers = SyncArbiter::start(workers, move || worker.clone());
     let roots = match nix::gc::GcRoots::open(Path::new(&settings.nix.gc_roots_dir)) {
         Ok(roots) => Some(roots),
@@ -169,7 +167,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             interval: (settings.nix.gc_interval_secs > 0)
                 .then(|| Duration::from_secs(settings.nix.gc_interval_secs)),
             check: Duration::from_secs(settings.nix.gc_check_secs),
-            worker: gc_worker,
+            worker: SyncArbiter::start(1, move || gc_worker.clone()),
             shared: shared.clone(),
         };
         actix_web::rt::spawn(gc.run());
