@@ -8,6 +8,7 @@ use crate::actors::signer::SignerActor;
 use crate::actors::store_gc::StoreGc;
 use crate::actors::upload::UploadActor;
 use crate::auth::Auth;
+use crate::blob_gc::{sweep::BlobSweeper, Retention};
 use crate::config::{PackageSource, Settings};
 use crate::http::{self, AppState};
 use crate::layers::{LayerParams, Popularity};
@@ -172,6 +173,19 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         };
         actix_web::rt::spawn(gc.run());
     }
+    let retention = Retention::new(
+        settings.storage.retention_secs,
+        settings.storage.sweep,
+        settings.storage.sweep_interval_secs,
+    );
+    if let Some(retention) = retention.filter(|r| r.sweep) {
+        let sweeper = BlobSweeper {
+            storage: storage.clone(),
+            shared: shared.clone(),
+            retention,
+        };
+        actix_web::rt::spawn(sweeper.run());
+    }
     let context = Arc::new(context);
     // The coordinator and the builds it spawns get a thread of their own, away from
     // the HTTP workers.
@@ -190,6 +204,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         shared,
         sources,
         verify_interval: Duration::from_secs(settings.storage.verify_interval_secs),
+        retention,
         limits: settings.limits.clone(),
         systems: settings.systems().map_err(|e| e.to_string())?,
         auth,

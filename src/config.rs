@@ -95,6 +95,9 @@ pub struct StorageSettings {
     pub upload_concurrency: usize,
     pub upload_chunk_mib: usize,
     pub verify_interval_secs: u64,
+    pub retention_secs: u64,
+    pub sweep: bool,
+    pub sweep_interval_secs: u64,
 }
 
 impl StorageSettings {
@@ -272,6 +275,9 @@ impl Settings {
                 "server.tls_cert and server.tls_key",
                 "set both (PEM files) or neither",
             );
+        }
+        if self.storage.sweep_interval_secs == 0 {
+            return err("storage.sweep_interval_secs", "must be at least 1");
         }
         if self.nix.gc_check_secs == 0 {
             return err("nix.gc_check_secs", "must be at least 1");

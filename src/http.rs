@@ -5,6 +5,8 @@
 use crate::actors::coordinator::{BuildCoordinator, GetImage, Target};
 use crate::actors::signer::{BlobAccess, LocateBlob, SignerActor};
 use crate::auth::{self, Auth, Caller, Credentials, Denied};
+use crate::blob_gc::{self, Retention};
+use crate::built::BuiltImage;
 use crate::config::Limits;
 use crate::error::RegistryError;
 use crate::image::{Arch, ImageRequest};
@@ -36,6 +38,8 @@ pub struct AppState {
     pub sources: Arc<Sources>,
     /// How long storage is trusted to keep a cached image's blobs.
     pub verify_interval: std::time::Duration,
+    /// How long unused blobs are kept; None: forever.
+    pub retention: Option<Retention>,
     pub limits: Limits,
     /// The platforms images are built for, sorted; more than one means indexes.
     pub systems: Vec<Arch>,
@@ -242,6 +246,7 @@ async fn builds(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
         "builds": state.shared.builds(),
         "failures": state.shared.recent_failures(),
         "store": state.shared.store_state(),
+        "blobs": state.shared.sweep_state(),
     }))
 }
 
@@ -423,38 +428,25 @@ async fn serve(
                     may_build: state.auth.as_ref().is_none_or(|a| a.may_build(caller)),
                 });
             let get = state.build_target(&request, &source, index, client);
-            let key = get.key.clone();
-            let cached = match state.shared.cached_image(&key, state.verify_interval) {
-                Some((image, true)) => Some(image),
-                // Storage can lose blobs (a bucket emptied or restored): a cached image
-                // is checked against it at most once per interval before it is served.
-                Some((image, false)) => {
-                    let stored = image_in_storage(&state.storage, &state.shared, &image).await?;
-                    if stored {
-                        state.shared.image_verified(&key);
-                        Some(image)
-                    } else {
-                        log::warn!("{name}: storage lost blobs of the cached image; rebuilding");
-                        state.shared.forget_image(&key);
-                        None
-                    }
+            let mut image = built_image(state, &get, &name).await?;
+            // A manifest is handed out only with its blobs marked as used, so that
+            // none is swept while the client fetches it; a blob swept before that
+            // means the image is built again.
+            for attempt in 1.. {
+                if in_use(state, image.blobs().unwrap_or_default()).await? {
+                    break;
                 }
-                None => None,
-            };
-            let image = match cached {
-                Some(image) => image,
-                None => {
-                    let first = state.coordinator.send(get.clone()).await?;
-                    match (first, client_of(&get)) {
-                        // The build this request joined was started by a caller who
-                        // was turned away; this caller asks for itself.
-                        (Err(e), Some(client)) if e.refused_someone_else(&client) => {
-                            state.coordinator.send(get).await??
-                        }
-                        (other, _) => other?,
-                    }
+                if attempt == 3 {
+                    return Err(RegistryError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UNAVAILABLE",
+                        format!("{name}: storage lost the image's blobs again as it was rebuilt; try again"),
+                    ));
                 }
-            };
+                log::warn!("{name}: blobs of the image were swept as unused; building it again");
+                state.shared.forget_image(&get.key);
+                image = built_image(state, &get, &name).await?;
+            }
             state.sources.served(&tag);
             let format = match (image.children.is_empty(), index) {
                 (false, Some(index)) => index,
@@ -477,9 +469,66 @@ async fn serve(
             };
             let media_type = manifest::declared_media_type(&bytes)
                 .ok_or_else(|| RegistryError::manifest_unknown(&digest.to_string()))?;
+            let named = manifest::named_blobs(&bytes).unwrap_or_else(|| vec![digest.clone()]);
+            if !in_use(state, named).await? {
+                // Only a tag says what to build again.
+                state.shared.forget_manifest(&digest);
+                return Err(RegistryError::manifest_unknown(&format!(
+                    "{digest} was deleted after going unused; pull by tag to build it again"
+                )));
+            }
             Ok(manifest_response(media_type, &digest, bytes))
         }
         Route::Blob { digest, .. } => blob(req, state, digest).await,
+    }
+}
+
+/// The image for a tag request: cached, or from the coordinator.
+async fn built_image(
+    state: &AppState,
+    get: &GetImage,
+    name: &str,
+) -> Result<Arc<BuiltImage>, RegistryError> {
+    let key = &get.key;
+    let cached = match state.shared.cached_image(key, state.verify_interval) {
+        Some((image, true)) => Some(image),
+        // Storage can lose blobs (a bucket emptied or restored): a cached image
+        // is checked against it at most once per interval before it is served.
+        Some((image, false)) => {
+            let stored = image_in_storage(&state.storage, &state.shared, &image).await?;
+            if stored {
+                state.shared.image_verified(key);
+                Some(image)
+            } else {
+                log::warn!("{name}: storage lost blobs of the cached image; rebuilding");
+                state.shared.forget_image(key);
+                None
+            }
+        }
+        None => None,
+    };
+    if let Some(image) = cached {
+        return Ok(image);
+    }
+    let first = state.coordinator.send(get.clone()).await?;
+    Ok(match (first, client_of(get)) {
+        // The build this request joined was started by a caller who
+        // was turned away; this caller asks for itself.
+        (Err(e), Some(client)) if e.refused_someone_else(&client) => {
+            state.coordinator.send(get.clone()).await??
+        }
+        (other, _) => other?,
+    })
+}
+
+/// Marks blobs a manifest names as used, under a retention; false when one is
+/// gone and the manifest must not be served.
+async fn in_use(state: &AppState, blobs: Vec<Digest>) -> Result<bool, RegistryError> {
+    match &state.retention {
+        Some(retention) => {
+            Ok(blob_gc::mark_used(&state.storage, &state.shared, retention, &blobs).await?)
+        }
+        None => Ok(true),
     }
 }
 

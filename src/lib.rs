@@ -11,6 +11,7 @@ pub mod actors;
 pub mod app;
 pub mod archive;
 pub mod auth;
+pub mod blob_gc;
 pub mod built;
 pub mod config;
 pub mod error;

@@ -6,6 +6,7 @@
 //! order fixes the JSON key order), so the same image always has the same digests.
 
 use crate::image::Arch;
+use crate::reference::Digest;
 use serde::Serialize;
 
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -272,6 +273,35 @@ pub fn declared_media_type(bytes: &[u8]) -> Option<&'static str> {
     ]
     .into_iter()
     .find(|t| *t == declared)
+}
+
+/// The blobs a stored manifest names: itself, its config and layers, or an index's
+/// manifests. None for bytes that are not such a document.
+pub fn named_blobs(bytes: &[u8]) -> Option<Vec<Digest>> {
+    #[derive(serde::Deserialize)]
+    struct Desc {
+        digest: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Named {
+        config: Option<Desc>,
+        #[serde(default)]
+        layers: Vec<Desc>,
+        #[serde(default)]
+        manifests: Vec<Desc>,
+    }
+    declared_media_type(bytes)?;
+    let named: Named = serde_json::from_slice(bytes).ok()?;
+    let mut blobs = vec![Digest::of(bytes)];
+    for d in named
+        .config
+        .iter()
+        .chain(&named.layers)
+        .chain(&named.manifests)
+    {
+        blobs.push(Digest::parse(&d.digest).ok()?);
+    }
+    Some(blobs)
 }
 
 #[cfg(test)]

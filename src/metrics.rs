@@ -27,6 +27,10 @@ pub struct Metrics {
     pub gc_runs: IntCounter,
     pub gc_freed_bytes: IntCounter,
     pub gc_last_run: IntGauge,
+    pub blob_sweeps: IntCounter,
+    pub blobs_deleted: IntCounter,
+    pub blob_deleted_bytes: IntCounter,
+    pub blob_touches: IntCounter,
 }
 
 impl Default for Metrics {
@@ -136,6 +140,19 @@ impl Metrics {
                 "Bytes Nix's garbage collector freed",
             ),
             gc_last_run,
+            blob_sweeps: counter("blob_sweeps_total", "Sweeps of unused blobs run here"),
+            blobs_deleted: counter(
+                "blobs_deleted_total",
+                "Blobs deleted after going unused for the retention",
+            ),
+            blob_deleted_bytes: counter(
+                "blob_deleted_bytes_total",
+                "Bytes of the blobs deleted after going unused",
+            ),
+            blob_touches: counter(
+                "blob_touches_total",
+                "Blobs marked as used in storage as a manifest naming them was served",
+            ),
             registry,
         }
     }

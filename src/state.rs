@@ -34,6 +34,17 @@ pub struct StoreState {
     pub last_gc_freed_bytes: Option<u64>,
 }
 
+/// Blob retention and the last sweep, for the build page.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SweepState {
+    pub retention_secs: u64,
+    pub last_sweep_unix_time: Option<u64>,
+    pub last_sweep_deleted: Option<u64>,
+    pub last_sweep_deleted_bytes: Option<u64>,
+    pub last_sweep_kept: Option<u64>,
+    pub last_sweep_records_deleted: Option<u64>,
+}
+
 /// A failed build, for the status page.
 #[derive(Debug, Clone, Serialize)]
 pub struct RecentFailure {
@@ -59,6 +70,11 @@ pub struct SharedState {
     manifests: RwLock<HashMap<Digest, Bytes>>,
     referrers: RwLock<HashMap<Digest, Vec<Referrer>>>,
     known_blobs: RwLock<std::collections::HashSet<Digest>>,
+    /// When this process last saw each blob used in storage: it uploaded it, or
+    /// marked it as used while serving a manifest.
+    used: Mutex<HashMap<Digest, (Instant, u64)>>,
+    /// Blob retention and the last sweep, for the build page.
+    pub sweep: Mutex<SweepState>,
     pub stats: Metrics,
     progress: Mutex<BTreeMap<String, BuildProgress>>,
     /// Woken when a build found the Nix store's disk full.
@@ -133,6 +149,14 @@ impl SharedState {
         }
     }
 
+    /// After a manifest's blobs were swept: it is no longer served by digest.
+    pub fn forget_manifest(&self, digest: &Digest) {
+        self.manifests
+            .write()
+            .expect("manifest cache lock")
+            .remove(digest);
+    }
+
     pub fn remember_manifest(&self, digest: Digest, bytes: Bytes) {
         self.manifests
             .write()
@@ -158,7 +182,36 @@ impl SharedState {
         }
     }
 
+    /// Whether the blob was seen used in storage within `every`; if not, the next
+    /// manifest naming it marks it as used.
+    pub fn used_within(&self, digest: &Digest, every: Duration) -> bool {
+        self.used
+            .lock()
+            .expect("blob use lock")
+            .get(digest)
+            .is_some_and(|(t, _)| t.elapsed() < every)
+    }
+
+    /// When (unix seconds) this process last saw the blob used in storage.
+    pub fn last_noted_use(&self, digest: &Digest) -> Option<u64> {
+        self.used
+            .lock()
+            .expect("blob use lock")
+            .get(digest)
+            .map(|(_, unix)| *unix)
+    }
+
+    /// After storage recorded the blob as used now (it was written or touched).
+    pub fn note_use(&self, digest: &Digest) {
+        let mut used = self.used.lock().expect("blob use lock");
+        if used.len() >= MAX_TAG_ENTRIES {
+            used.clear();
+        }
+        used.insert(digest.clone(), (Instant::now(), crate::storage::unix_now()));
+    }
+
     pub fn forget_blob(&self, digest: &Digest) {
+        self.used.lock().expect("blob use lock").remove(digest);
         self.known_blobs
             .write()
             .expect("known blobs lock")
@@ -177,6 +230,10 @@ impl SharedState {
                 p
             })
             .collect()
+    }
+
+    pub fn sweep_state(&self) -> SweepState {
+        self.sweep.lock().expect("sweep lock").clone()
     }
 
     pub fn store_state(&self) -> StoreState {

@@ -18,7 +18,7 @@ mod store;
 #[cfg(test)]
 mod tests;
 
-pub use records::{image_in_storage, load_referrers};
+pub use records::{image_in_storage, load_referrers, record_blobs};
 
 use crate::actors::nix_worker::{Evaluate, LayerContents, NixWorker, Pack, PackedLayer, Realise};
 use crate::actors::upload::UploadActor;

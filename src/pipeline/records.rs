@@ -6,6 +6,7 @@
 use super::{BuildContext, Job};
 use crate::built::{BuiltImage, Referrer, StoredManifest};
 use crate::error::BuildError;
+use crate::manifest;
 use crate::reference::Digest;
 use crate::state::SharedState;
 use crate::storage::{RecordKind, Storage, StorageError};
@@ -39,6 +40,37 @@ struct ImageRecord {
 #[derive(Debug, Serialize, Deserialize)]
 struct ReferrersRecord {
     manifests: Vec<String>,
+}
+
+/// The blobs a record leads to, so it can be deleted before any of them is: a
+/// record never outlives its blobs. None for a record that cannot be read.
+pub fn record_blobs(kind: RecordKind, key: &str, raw: &[u8]) -> Option<Vec<Digest>> {
+    let manifests = |texts: &mut dyn Iterator<Item = &String>| -> Option<Vec<Digest>> {
+        let mut blobs = Vec::new();
+        for text in texts {
+            blobs.extend(manifest::named_blobs(text.as_bytes())?);
+        }
+        Some(blobs)
+    };
+    match kind {
+        RecordKind::Layer => {
+            let record: LayerRecord = serde_json::from_slice(raw).ok()?;
+            Some(vec![Digest::parse(&record.digest).ok()?])
+        }
+        RecordKind::Image | RecordKind::Pinned => {
+            let record: ImageRecord = serde_json::from_slice(raw).ok()?;
+            let mut texts = [&record.docker, &record.oci]
+                .into_iter()
+                .chain(&record.referrers);
+            manifests(&mut texts)
+        }
+        RecordKind::Referrers => {
+            let record: ReferrersRecord = serde_json::from_slice(raw).ok()?;
+            let mut blobs = manifests(&mut record.manifests.iter())?;
+            blobs.push(Digest::parse(&format!("sha256:{key}")).ok()?);
+            Some(blobs)
+        }
+    }
 }
 
 pub(super) fn storage_error(e: StorageError) -> BuildError {

@@ -221,6 +221,9 @@ async fn pack(c: &BuildContext, contents: LayerContents) -> Result<(PackedLayer,
     };
     let packed = packed?;
     c.shared.remember_blob(&packed.digest);
+    if put.uploaded {
+        c.shared.note_use(&packed.digest);
+    }
     c.shared.stats.bytes_uploaded.inc_by(put.bytes);
     Ok((packed, put.bytes))
 }
@@ -244,6 +247,9 @@ pub(super) async fn put_blob(
         .map_err(mailbox)?
         .map_err(storage_error)?;
     c.shared.remember_blob(&digest);
+    if put.uploaded {
+        c.shared.note_use(&digest);
+    }
     c.shared.stats.bytes_uploaded.inc_by(put.bytes);
     Tally::add(&tally.uploaded, put.bytes);
     Ok(digest)

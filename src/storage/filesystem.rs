@@ -4,7 +4,7 @@
 //! as octet streams and manifests declare their own type.
 
 use super::stream::{BlobReceiver, Piece};
-use super::{blob_object, Put, StorageError};
+use super::{blob_object, ObjectInfo, Put, StorageError};
 use crate::reference::Digest;
 use bytes::Bytes;
 use std::io::ErrorKind;
@@ -199,6 +199,66 @@ impl FsStorage {
         }
     }
 
+    /// The files directly in the prefix's directory whose names start with the rest
+    /// of the prefix (objects live in flat directories).
+    pub async fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        let (dir, start) = prefix.rsplit_once('/').unwrap_or(("", prefix));
+        let path = self.root.join(dir);
+        let mut entries = match tokio::fs::read_dir(&path).await {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StorageError::io("list", prefix, e)),
+        };
+        let mut listed = Vec::new();
+        loop {
+            let entry = match entries.next_entry().await {
+                Ok(Some(entry)) => entry,
+                Ok(None) => break,
+                Err(e) => return Err(StorageError::io("list", prefix, e)),
+            };
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            if !file_name.starts_with(start) {
+                continue;
+            }
+            // Gone since listed, or not a file: not an object.
+            let Ok(meta) = entry.metadata().await else {
+                continue;
+            };
+            if meta.is_file() {
+                let name = if dir.is_empty() {
+                    file_name
+                } else {
+                    format!("{dir}/{file_name}")
+                };
+                listed.push(info(name, &meta));
+            }
+        }
+        Ok(listed)
+    }
+
+    pub async fn object_info(&self, object: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        match tokio::fs::metadata(self.object_path(object)).await {
+            Ok(m) => Ok(Some(info(object.to_string(), &m))),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StorageError::io("stat", object, e)),
+        }
+    }
+
+    /// Marks an object as used now: its mtime. False when it is not stored.
+    pub async fn touch_object(&self, object: &str) -> Result<bool, StorageError> {
+        let path = self.object_path(object);
+        let touched = tokio::task::spawn_blocking(move || {
+            std::fs::File::open(&path)?.set_modified(std::time::SystemTime::now())
+        })
+        .await
+        .map_err(|e| StorageError::io("touch", object, e))?;
+        match touched {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StorageError::io("touch", object, e)),
+        }
+    }
+
     async fn commit(&self, tmp: &Path, object: &str) -> Result<(), StorageError> {
         let target = self.object_path(object);
         if let Some(parent) = target.parent() {
@@ -211,6 +271,19 @@ impl FsStorage {
             return Err(StorageError::io("rename", object, e));
         }
         Ok(())
+    }
+}
+
+fn info(name: String, meta: &std::fs::Metadata) -> ObjectInfo {
+    let used = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    ObjectInfo {
+        name,
+        size: meta.len(),
+        used,
     }
 }
 

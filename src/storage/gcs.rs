@@ -24,7 +24,7 @@
 
 use super::staging::{self, StagingBucket};
 use super::stream::{BlobReceiver, Piece};
-use super::{blob_object, crc32c, Put, StorageError};
+use super::{blob_object, crc32c, ObjectInfo, Put, StorageError, BLOB_PREFIX};
 use crate::config::StorageSettings;
 use crate::reference::Digest;
 use bytes::Bytes;
@@ -36,6 +36,7 @@ use gcloud_storage::http::objects::delete::DeleteObjectRequest;
 use gcloud_storage::http::objects::download::Range;
 use gcloud_storage::http::objects::get::GetObjectRequest;
 use gcloud_storage::http::objects::list::ListObjectsRequest;
+use gcloud_storage::http::objects::patch::PatchObjectRequest;
 use gcloud_storage::http::objects::upload::{Media, UploadObjectRequest, UploadType};
 use gcloud_storage::http::objects::Object;
 use gcloud_storage::http::resumable_upload_client::{
@@ -596,6 +597,11 @@ impl GcsStorage {
         if created {
             self.uploads.fetch_add(1, Ordering::Relaxed);
             log::info!("uploaded {target} ({size} bytes, streamed while packed)");
+            // A copy keeps the staging object's metadata, which has no customTime;
+            // without one a lifecycle rule on it never applies to this blob.
+            if let Err(e) = self.touch_object(&target).await {
+                log::warn!("{e}");
+            }
         }
         Ok(Put {
             uploaded: created,
@@ -621,42 +627,91 @@ impl GcsStorage {
     /// copy: those of dead processes on this host, and any older than
     /// [`staging::MAX_AGE`]. Best effort: leftovers cost only space.
     async fn sweep_staging(&self) {
-        let now = super::unix_now() as i64;
+        let now = super::unix_now();
+        let listed = match self.list_objects(staging::PREFIX).await {
+            Ok(listed) => listed,
+            Err(e) => {
+                log::warn!("{e}; leftovers stay for now");
+                return;
+            }
+        };
+        for o in listed {
+            if staging::is_leftover(&o.name, now.saturating_sub(o.used) as i64) {
+                log::info!("removing leftover {}", o.name);
+                if let Err(e) = self.delete_object(&o.name).await {
+                    log::warn!("{e}");
+                }
+            }
+        }
+    }
+
+    /// Every object whose name starts with `prefix`, page after page.
+    pub async fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        let mut all = Vec::new();
         let mut page_token = None;
         loop {
             let req = ListObjectsRequest {
                 bucket: self.bucket.clone(),
-                prefix: Some(staging::PREFIX.to_string()),
+                prefix: Some(prefix.to_string()),
                 page_token: page_token.take(),
                 ..Default::default()
             };
-            let listed = match retry("list", staging::PREFIX, REQUEST_TIMEOUT, || async {
+            let listed = retry("list", prefix, REQUEST_TIMEOUT, || async {
                 Ok(self.client.list_objects(&req).await?)
             })
             .await
-            {
-                Ok(l) => l,
-                Err(e) => {
-                    log::warn!("gcs list {}: {e}; leftovers stay for now", staging::PREFIX);
-                    return;
-                }
-            };
-            for o in listed.items.unwrap_or_default() {
-                let age = o
-                    .time_created
-                    .map(|t| now - t.unix_timestamp())
-                    .unwrap_or(0);
-                if staging::is_leftover(&o.name, age) {
-                    log::info!("removing leftover {}", o.name);
-                    if let Err(e) = self.delete_object(&o.name).await {
-                        log::warn!("{e}");
-                    }
-                }
-            }
+            .map_err(|e| StorageError::io("list", prefix, e))?;
+            all.extend(listed.items.unwrap_or_default().iter().map(object_info));
             match listed.next_page_token {
                 Some(t) if !t.is_empty() => page_token = Some(t),
-                _ => return,
+                _ => return Ok(all),
             }
+        }
+    }
+
+    pub async fn object_info(&self, object: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        let req = GetObjectRequest {
+            bucket: self.bucket.clone(),
+            object: object.to_string(),
+            ..Default::default()
+        };
+        let result = retry("stat", object, REQUEST_TIMEOUT, || async {
+            Ok(self.client.get_object(&req).await?)
+        })
+        .await;
+        match result {
+            Ok(o) => Ok(Some(object_info(&o))),
+            Err(e) if e.kind() == Kind::NotFound => Ok(None),
+            Err(e) => Err(StorageError::io("stat", object, e)),
+        }
+    }
+
+    /// Marks an object as used now: its `customTime`, which a bucket lifecycle rule
+    /// (`daysSinceCustomTime`) can act on. False when it is not stored.
+    pub async fn touch_object(&self, object: &str) -> Result<bool, StorageError> {
+        let req = PatchObjectRequest {
+            bucket: self.bucket.clone(),
+            object: object.to_string(),
+            metadata: Some(Object {
+                custom_time: Some(now()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let result = retry("touch", object, REQUEST_TIMEOUT, || async {
+            Ok(self.client.patch_object(&req).await?)
+        })
+        .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == Kind::NotFound => Ok(false),
+            // GCS refuses to move customTime back: another replica's clock is
+            // ahead and has marked the object as used later than now.
+            Err(e) if e.status() == Some(400) => {
+                log::debug!("gcs touch {object}: {e}; keeping its later customTime");
+                Ok(true)
+            }
+            Err(e) => Err(StorageError::io("touch", object, e)),
         }
     }
 
@@ -793,6 +848,7 @@ impl GcsStorage {
         let upload = UploadType::Multipart(Box::new(Object {
             name: object.to_string(),
             content_type: Some(content_type.to_string()),
+            custom_time: object.starts_with(BLOB_PREFIX).then(now),
             ..Default::default()
         }));
         let req = self.create_only();
@@ -841,6 +897,24 @@ impl GcsStorage {
             content_type: content_type.to_string().into(),
             content_length: Some(size),
         }
+    }
+}
+
+fn now() -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(super::unix_now() as i64)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
+
+/// An object's last use: its `customTime` (set when a blob is created and when it
+/// is used), else when it was last written.
+fn object_info(o: &Object) -> ObjectInfo {
+    let unix = |t: Option<time::OffsetDateTime>| t.map_or(0, |t| t.unix_timestamp().max(0) as u64);
+    ObjectInfo {
+        name: o.name.clone(),
+        size: o.size.max(0) as u64,
+        used: unix(o.custom_time)
+            .max(unix(o.updated))
+            .max(unix(o.time_created)),
     }
 }
 
@@ -1016,6 +1090,9 @@ mod tests {
             upload_concurrency: 2,
             upload_chunk_mib: 1,
             verify_interval_secs: 10,
+            retention_secs: 0,
+            sweep: true,
+            sweep_interval_secs: 3600,
         }
     }
 

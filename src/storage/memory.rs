@@ -4,7 +4,7 @@
 //! helpers a test can use to look inside or to make storage lose an object.
 
 use super::stream::{BlobReceiver, Piece};
-use super::{blob_object, Put, StorageError};
+use super::{blob_object, unix_now, ObjectInfo, Put, StorageError};
 use crate::reference::Digest;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
@@ -19,6 +19,9 @@ pub const BUCKET: &str = "memory";
 #[derive(Default)]
 pub struct MemStorage {
     objects: Mutex<HashMap<String, Bytes>>,
+    /// Last uses set by touches or by a test; an object without one counts as used
+    /// just now.
+    used: Mutex<HashMap<String, u64>>,
     /// Leases this process holds right now (see `Storage::acquire_lease`).
     pub(crate) held_leases: Mutex<std::collections::HashSet<String>>,
 }
@@ -42,6 +45,49 @@ impl MemStorage {
     /// Drops an object, as if storage had lost it; true when it was there.
     pub fn remove(&self, object: &str) -> bool {
         self.objects().remove(object).is_some()
+    }
+
+    /// Sets an object's last use, as if it had been used at `unix_time`.
+    pub fn set_used(&self, object: &str, unix_time: u64) {
+        self.used
+            .lock()
+            .expect("memory storage lock")
+            .insert(object.to_string(), unix_time);
+    }
+
+    fn info(&self, name: &str, bytes: &Bytes) -> ObjectInfo {
+        let used = self
+            .used
+            .lock()
+            .expect("memory storage lock")
+            .get(name)
+            .copied();
+        ObjectInfo {
+            name: name.to_string(),
+            size: bytes.len() as u64,
+            used: used.unwrap_or_else(unix_now),
+        }
+    }
+
+    pub async fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        let objects = self.objects();
+        Ok(objects
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(name, bytes)| self.info(name, bytes))
+            .collect())
+    }
+
+    pub async fn object_info(&self, object: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        Ok(self.objects().get(object).map(|b| self.info(object, b)))
+    }
+
+    pub async fn touch_object(&self, object: &str) -> Result<bool, StorageError> {
+        let stored = self.objects().contains_key(object);
+        if stored {
+            self.set_used(object, unix_now());
+        }
+        Ok(stored)
     }
 
     pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
@@ -118,6 +164,10 @@ impl MemStorage {
 
     pub async fn delete_object(&self, object: &str) -> Result<(), StorageError> {
         self.objects().remove(object);
+        self.used
+            .lock()
+            .expect("memory storage lock")
+            .remove(object);
         Ok(())
     }
 }

@@ -2,7 +2,9 @@
 //! a Google Cloud Storage bucket or an S3 bucket, behind one small interface that knows nothing of
 //! HTTP. Objects appear under their final name only when complete.
 //!
-//! Object names: blobs at `blobs/sha256/<hex>`, records at `records/<kind>/<key>.json`.
+//! Object names: blobs at `blobs/sha256/<hex>`, records at `records/<kind>/<key>.json`,
+//! and on S3, where an object's time cannot change without rewriting it, the marks of
+//! a blob's last use at `uses/sha256/<hex>`.
 
 pub mod crc32c;
 pub mod filesystem;
@@ -109,6 +111,13 @@ pub enum RecordKind {
 }
 
 impl RecordKind {
+    pub const ALL: [RecordKind; 4] = [
+        RecordKind::Layer,
+        RecordKind::Image,
+        RecordKind::Pinned,
+        RecordKind::Referrers,
+    ];
+
     fn dir(self) -> &'static str {
         match self {
             RecordKind::Layer => "layers",
@@ -119,8 +128,37 @@ impl RecordKind {
     }
 }
 
+pub const BLOB_PREFIX: &str = "blobs/sha256/";
+const USE_PREFIX: &str = "uses/sha256/";
+
 pub fn blob_object(digest: &Digest) -> String {
-    format!("blobs/sha256/{}", digest.hex())
+    format!("{BLOB_PREFIX}{}", digest.hex())
+}
+
+fn use_object(digest: &Digest) -> String {
+    format!("{USE_PREFIX}{}", digest.hex())
+}
+
+pub fn records_prefix(kind: RecordKind) -> String {
+    format!("records/{}/", kind.dir())
+}
+
+/// An object as listed: its name, size and last use (unix seconds). The last use is
+/// when it was written, or later marked as used: a file's mtime, a GCS object's
+/// `customTime`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub name: String,
+    pub size: u64,
+    pub used: u64,
+}
+
+/// A stored blob and when it was last used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobUse {
+    pub digest: Digest,
+    pub size: u64,
+    pub used: u64,
 }
 
 pub fn record_object(kind: RecordKind, key: &str) -> String {
@@ -365,6 +403,121 @@ impl Storage {
             #[cfg(test)]
             Storage::Memory(s) => &s.held_leases,
         }
+    }
+
+    /// Every object whose name starts with `prefix`.
+    pub async fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        match self {
+            Storage::Filesystem(s) => s.list_objects(prefix).await,
+            Storage::Gcs(s) => s.list_objects(prefix).await,
+            Storage::S3(s) => s.list_objects(prefix).await,
+            #[cfg(test)]
+            Storage::Memory(s) => s.list_objects(prefix).await,
+        }
+    }
+
+    /// One object's size and last use; None when it is not stored.
+    pub async fn object_info(&self, object: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        match self {
+            Storage::Filesystem(s) => s.object_info(object).await,
+            Storage::Gcs(s) => s.object_info(object).await,
+            Storage::S3(s) => s.object_info(object).await,
+            #[cfg(test)]
+            Storage::Memory(s) => s.object_info(object).await,
+        }
+    }
+
+    /// When the blob was last used; None when it is not stored.
+    pub async fn blob_last_used(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        let Some(blob) = self.object_info(&blob_object(digest)).await? else {
+            return Ok(None);
+        };
+        let mark = match self {
+            Storage::S3(_) => self.object_info(&use_object(digest)).await?,
+            _ => None,
+        };
+        Ok(Some(blob.used.max(mark.map_or(0, |m| m.used))))
+    }
+
+    /// Marks the blob as used now. Returns its previous last use, or None when it
+    /// is not stored (any more).
+    pub async fn touch_blob(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        let Some(previous) = self.blob_last_used(digest).await? else {
+            return Ok(None);
+        };
+        let object = blob_object(digest);
+        let touched = match self {
+            Storage::Filesystem(s) => s.touch_object(&object).await?,
+            Storage::Gcs(s) => s.touch_object(&object).await?,
+            // A mark of its own: an S3 object's time changes only with its bytes.
+            Storage::S3(s) => {
+                s.write_object(&use_object(digest), Bytes::new()).await?;
+                true
+            }
+            #[cfg(test)]
+            Storage::Memory(s) => s.touch_object(&object).await?,
+        };
+        Ok(touched.then_some(previous))
+    }
+
+    /// Every stored blob with its last use.
+    pub async fn list_blobs(&self) -> Result<Vec<BlobUse>, StorageError> {
+        let marks: std::collections::HashMap<String, u64> = match self {
+            Storage::S3(_) => self
+                .list_objects(USE_PREFIX)
+                .await?
+                .into_iter()
+                .filter_map(|o| Some((o.name.strip_prefix(USE_PREFIX)?.to_string(), o.used)))
+                .collect(),
+            _ => Default::default(),
+        };
+        Ok(self
+            .list_objects(BLOB_PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|o| {
+                let hex = o.name.strip_prefix(BLOB_PREFIX)?;
+                let digest = Digest::parse(&format!("sha256:{hex}")).ok()?;
+                let used = o.used.max(marks.get(hex).copied().unwrap_or(0));
+                Some(BlobUse {
+                    digest,
+                    size: o.size,
+                    used,
+                })
+            })
+            .collect())
+    }
+
+    /// The marks of use whose blob is gone (S3 only): a touch that raced a deletion.
+    pub async fn orphan_use_marks(&self) -> Result<Vec<ObjectInfo>, StorageError> {
+        if !matches!(self, Storage::S3(_)) {
+            return Ok(Vec::new());
+        }
+        let blobs: std::collections::HashSet<String> = self
+            .list_objects(BLOB_PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|o| Some(o.name.strip_prefix(BLOB_PREFIX)?.to_string()))
+            .collect();
+        Ok(self
+            .list_objects(USE_PREFIX)
+            .await?
+            .into_iter()
+            .filter(|o| {
+                o.name
+                    .strip_prefix(USE_PREFIX)
+                    .is_some_and(|hex| !blobs.contains(hex))
+            })
+            .collect())
+    }
+
+    /// Deletes a blob and its mark of use.
+    pub async fn delete_blob(&self, digest: &Digest) -> Result<(), StorageError> {
+        self.delete_object(&blob_object(digest)).await?;
+        if matches!(self, Storage::S3(_)) {
+            self.delete_object(&use_object(digest)).await?;
+        }
+        Ok(())
     }
 
     pub fn locate(&self, digest: &Digest) -> BlobLocation {

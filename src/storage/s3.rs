@@ -34,7 +34,7 @@
 
 use super::staging::{self, StagingBucket};
 use super::stream::{BlobReceiver, Piece};
-use super::{blob_object, Put, StorageError};
+use super::{blob_object, ObjectInfo, Put, StorageError};
 use crate::config::StorageSettings;
 use crate::reference::Digest;
 use bytes::Bytes;
@@ -482,28 +482,47 @@ impl S3Storage {
     /// multipart uploads a dead process never completed are not objects; a bucket
     /// lifecycle rule, AbortIncompleteMultipartUpload, removes them.)
     async fn sweep_staging(&self) {
-        let prefix = ObjectPath::from(staging::PREFIX);
-        let listed = match self.store.list(Some(&prefix)).try_collect::<Vec<_>>().await {
+        let listed = match self.list_objects(staging::PREFIX).await {
             Ok(l) => l,
             Err(e) => {
-                log::warn!(
-                    "s3 list {}: {}; leftovers stay for now",
-                    staging::PREFIX,
-                    with_causes(&e)
-                );
+                log::warn!("{e}; leftovers stay for now");
                 return;
             }
         };
-        let now = super::unix_now() as i64;
+        let now = super::unix_now();
         for o in listed {
-            let age = now - o.last_modified.timestamp();
-            let name = o.location.to_string();
-            if staging::is_leftover(&name, age) {
-                log::info!("removing leftover {name}");
-                if let Err(e) = self.delete_object(&name).await {
+            if staging::is_leftover(&o.name, now.saturating_sub(o.used) as i64) {
+                log::info!("removing leftover {}", o.name);
+                if let Err(e) = self.delete_object(&o.name).await {
                     log::warn!("{e}");
                 }
             }
+        }
+    }
+
+    /// Every object whose name starts with `prefix`; S3 lists page after page.
+    pub async fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        // object_store lists by whole path segments: the prefix's directory, then
+        // the names in it that start with the rest.
+        let dir = prefix.rsplit_once('/').map_or("", |(dir, _)| dir);
+        let listed = self
+            .store
+            .list(Some(&ObjectPath::from(dir)))
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(|e| io("list", prefix, e))?;
+        Ok(listed
+            .iter()
+            .map(object_info)
+            .filter(|o| o.name.starts_with(prefix))
+            .collect())
+    }
+
+    pub async fn object_info(&self, object: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        match self.store.head(&ObjectPath::from(object)).await {
+            Ok(meta) => Ok(Some(object_info(&meta))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(io("stat", object, e)),
         }
     }
 
@@ -595,6 +614,14 @@ impl S3Storage {
     }
 }
 
+fn object_info(meta: &object_store::ObjectMeta) -> ObjectInfo {
+    ObjectInfo {
+        name: meta.location.to_string(),
+        size: meta.size,
+        used: meta.last_modified.timestamp().max(0) as u64,
+    }
+}
+
 impl StagingBucket for S3Storage {
     async fn put_whole(
         &self,
@@ -651,6 +678,9 @@ mod tests {
             upload_concurrency: 4,
             upload_chunk_mib: 1,
             verify_interval_secs: 10,
+            retention_secs: 0,
+            sweep: true,
+            sweep_interval_secs: 3600,
         }
     }
 
