@@ -371,4 +371,11 @@ mod tests {
             .unwrap());
         assert!(s.acquire_lease("img", ttl).await.unwrap());
     }
+
+    #[tokio::test]
+    async fn blobs_are_marked_used_listed_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = super::super::Storage::Filesystem(FsStorage::open(dir.path()).unwrap());
+        super::super::check_blob_use(&s).await;
+    }
 }

@@ -19,8 +19,7 @@ pub const BUCKET: &str = "memory";
 #[derive(Default)]
 pub struct MemStorage {
     objects: Mutex<HashMap<String, Bytes>>,
-    /// Last uses set by touches or by a test; an object without one counts as used
-    /// just now.
+    /// Last uses: when each object was written or touched, or what a test set.
     used: Mutex<HashMap<String, u64>>,
     /// Leases this process holds right now (see `Storage::acquire_lease`).
     pub(crate) held_leases: Mutex<std::collections::HashSet<String>>,
@@ -122,6 +121,7 @@ impl MemStorage {
                 bytes: 0,
             });
         }
+        self.set_used(&object, unix_now());
         objects.insert(object, buf.freeze());
         Ok(Put {
             uploaded: true,
@@ -144,6 +144,7 @@ impl MemStorage {
 
     pub async fn write_object(&self, object: &str, bytes: Bytes) -> Result<(), StorageError> {
         self.objects().insert(object.to_string(), bytes);
+        self.set_used(object, unix_now());
         Ok(())
     }
 
@@ -157,6 +158,7 @@ impl MemStorage {
             Entry::Occupied(_) => Ok(false),
             Entry::Vacant(v) => {
                 v.insert(bytes);
+                self.set_used(object, unix_now());
                 Ok(true)
             }
         }
@@ -366,5 +368,10 @@ mod tests {
             .await
             .unwrap());
         assert!(!s.acquire_lease("img", ttl).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn blobs_are_marked_used_listed_and_deleted() {
+        super::super::check_blob_use(&Storage::Memory(MemStorage::new())).await;
     }
 }

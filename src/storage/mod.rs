@@ -537,3 +537,89 @@ impl Storage {
         }
     }
 }
+
+/// What every backend must do for blob retention, run by each backend's tests
+/// against its real server.
+#[cfg(test)]
+pub(crate) async fn check_blob_use(s: &Storage) {
+    let now = unix_now();
+    let small = Bytes::from_static(b"{\"a\":\"small blob\"}");
+    let d = Digest::of(&small);
+    assert!(s
+        .put_blob_bytes(&d, small.clone(), "application/json")
+        .await
+        .unwrap());
+    let (pieces_digest, big) = {
+        let big: Vec<u8> = (0..2 * s.stream_chunk() + 17)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        (Digest::of(&big), big)
+    };
+    let put = s
+        .put_blob_stream(
+            stream::feed(big.clone(), s.stream_chunk(), true),
+            "application/octet-stream",
+        )
+        .await
+        .unwrap();
+    assert!(put.uploaded);
+    s.write_record(RecordKind::Layer, "k", Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+
+    let mut listed = s.list_blobs().await.unwrap();
+    listed.sort_by_key(|b| b.size);
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(
+        (&listed[0].digest, listed[0].size),
+        (&d, small.len() as u64)
+    );
+    assert_eq!(
+        (&listed[1].digest, listed[1].size),
+        (&pieces_digest, big.len() as u64)
+    );
+    for b in &listed {
+        assert!(
+            b.used + 5 >= now && b.used <= unix_now() + 5,
+            "{b:?} at {now}"
+        );
+    }
+    let records = s
+        .list_objects(&records_prefix(RecordKind::Layer))
+        .await
+        .unwrap();
+    assert_eq!(
+        records.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(),
+        vec![record_object(RecordKind::Layer, "k")]
+    );
+    assert_eq!(
+        s.list_objects(&records_prefix(RecordKind::Image))
+            .await
+            .unwrap(),
+        vec![]
+    );
+
+    // Marked used later, the blob reports the later time; the previous is returned.
+    let before = s.blob_last_used(&d).await.unwrap().unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    assert_eq!(s.touch_blob(&d).await.unwrap(), Some(before));
+    let after = s.blob_last_used(&d).await.unwrap().unwrap();
+    assert!(after >= before + 2, "{before} -> {after}");
+    let relisted = s.list_blobs().await.unwrap();
+    let small_listed = relisted.iter().find(|b| b.digest == d).unwrap();
+    assert_eq!(small_listed.used, after);
+
+    s.delete_blob(&d).await.unwrap();
+    assert_eq!(s.blob_size(&d).await.unwrap(), None);
+    assert_eq!(s.touch_blob(&d).await.unwrap(), None);
+    assert_eq!(s.blob_last_used(&d).await.unwrap(), None);
+    assert!(s.orphan_use_marks().await.unwrap().is_empty());
+    let left: Vec<Digest> = s
+        .list_blobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.digest)
+        .collect();
+    assert_eq!(left, vec![pieces_digest]);
+}

@@ -1023,4 +1023,16 @@ aws_access_key_id = only
         assert!(got.status().is_success(), "{got:?}");
         assert_eq!(got.bytes().await.unwrap().len(), 300 << 10);
     }
+
+    #[tokio::test]
+    async fn blobs_are_marked_used_with_marks_against_moto() {
+        let Some(moto) = start_moto().await else {
+            return;
+        };
+        let s = super::super::Storage::S3(store(&moto.endpoint));
+        super::super::check_blob_use(&s).await;
+        // The deleted blob's mark went with it; the other's was never written.
+        let marks = moto_get(&moto, "list-type=2&prefix=uses/").await;
+        assert_eq!(marks.matches("<Key>").count(), 0, "{marks}");
+    }
 }
