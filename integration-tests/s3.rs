@@ -1,11 +1,12 @@
 mod common;
 
 // Black-box tests of the s3 storage backend against moto's S3 server on
-// 127.0.0.1 (`pip install "moto[server]"`, see scripts/install-deps): pulls
-// through presigned blob redirects, a large layer streamed through a
-// multipart upload while it is packed, two replicas building an image once,
-// a second process and a restart reusing the bucket without building, and
-// start-up with a missing bucket.
+// 127.0.0.1 (`pip install "moto[server]"`, see scripts/install-deps): skopeo,
+// podman and containerd pulls through presigned blob redirects, a large layer
+// streamed through a multipart upload while it is packed, a kill -9 while that
+// upload is open, two replicas building an image once, a second process and a
+// restart reusing the bucket without building, and start-up with a missing
+// bucket.
 //
 // Every test starts its own moto (in memory) with the bucket `layers`, and its
 // own servers with dummy AWS credentials. moto does not check signatures, so
@@ -464,4 +465,187 @@ fn startup_with_a_missing_bucket_exits_with_one_line_naming_it() {
     );
     assert!(lines[0].contains("S3_BUCKET"), "{out}");
     eprintln!("{}", lines[0]);
+}
+
+#[test]
+fn podman_and_containerd_pull_through_presigned_redirects_and_run() {
+    let mut ok = require_moto() & require_root();
+    for t in ["podman", "runc", "containerd", "ctr"] {
+        ok &= require_tool(t);
+    }
+    if !ok {
+        return;
+    }
+    let moto = Moto::start();
+    let server = start_server(&moto, &[]);
+    let image = format!("{}/hello:latest", server.addr());
+
+    let work = tempfile::tempdir().unwrap();
+    let podman = || common::podman_command(work.path());
+    common::run_ok(podman().args(["pull", "--tls-verify=false", &image]));
+    let out = common::run_ok(podman().args(common::podman_run_args(&image, &["/bin/hello"])));
+    assert_eq!(out.stdout.trim(), "Hello, world!", "{out}");
+
+    let ctrd = common::Containerd::start();
+    let ns = format!("nixery-{}", random_hex());
+    ctrd.pull(&ns, &image);
+    let out = ctrd.run(&ns, &image, &["/bin/hello"]);
+    assert_eq!(out.stdout.trim(), "Hello, world!", "{out}");
+
+    // Both fetched every blob from moto, by redirect: each blob request answered
+    // 307 at least twice (once per client), never with the bytes.
+    let (_, m) = manifest(&server, "hello");
+    let log = server.log();
+    for d in blob_digests(&m) {
+        let redirected = log
+            .lines()
+            .filter(|l| l.contains(&format!("/blobs/{d}")) && l.contains("\" 307 "))
+            .count();
+        assert!(redirected >= 2, "{d}: {redirected} redirects in the log");
+        assert!(
+            !log.lines()
+                .any(|l| l.contains(&format!("GET /v2/hello/blobs/{d}")) && l.contains("\" 200 ")),
+            "{d} was served by the registry itself"
+        );
+    }
+}
+
+/// Multipart uploads moto holds open in `bucket`.
+fn open_uploads(moto: &Moto, bucket: &str) -> usize {
+    let (_, _, body) = http_get(&format!("{}/{bucket}?uploads", moto.endpoint()), &[]);
+    String::from_utf8_lossy(&body).matches("<UploadId>").count()
+}
+
+/// The keys under `prefix` in `bucket`, and the bytes of one.
+fn bucket_keys(moto: &Moto, bucket: &str, prefix: &str) -> Vec<String> {
+    let (_, _, body) = http_get(
+        &format!("{}/{bucket}?list-type=2&prefix={prefix}", moto.endpoint()),
+        &[],
+    );
+    String::from_utf8_lossy(&body)
+        .split("<Key>")
+        .skip(1)
+        .filter_map(|s| s.split("</Key>").next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_server_killed_mid_upload_leaves_no_blob_under_a_digest_name() {
+    if !require_moto() {
+        return;
+    }
+    let moto = Moto::start();
+    // A layer of two 5 MiB parts or more (`noise`), in a new bucket each try,
+    // until a kill lands while a multipart upload is open.
+    let mut caught = None;
+    for attempt in 0..6 {
+        let bucket = format!("kill{attempt}");
+        moto.create_bucket(&bucket);
+        let extra = [
+            ("S3_BUCKET", bucket.as_str()),
+            ("NIXERY_STORAGE__UPLOAD_CHUNK_MIB", "1"),
+        ];
+        let mut server = Server::start(
+            &s3_env(&moto)
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .chain(extra)
+                .collect::<Vec<_>>(),
+        );
+        let url = server.url("/v2/noise/manifests/latest");
+        // The answer is a broken connection once the server is killed.
+        let pending = thread::spawn(move || {
+            http_request(
+                "GET",
+                &url,
+                &[("Accept", DOCKER_V2S2)],
+                Duration::from_secs(180),
+            )
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut open = 0;
+        while !pending.is_finished() && Instant::now() < deadline {
+            open = open_uploads(&moto, &bucket);
+            if open > 0 {
+                break;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        if open == 0 {
+            eprintln!("attempt {attempt}: the upload finished before it was seen open");
+            let _ = pending.join();
+            continue;
+        }
+        let pid = server.pid().expect("server pid");
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+        let _ = pending.join();
+        let _ = server.stop();
+        caught = Some((bucket, server));
+        break;
+    }
+    let Some((bucket, dead)) = caught else {
+        panic!("no kill landed while a multipart upload was open in 6 tries");
+    };
+
+    // A new process on the bucket clears the dead one's staging object and builds
+    // the image whole.
+    let storage_dir = dead.storage_path().display().to_string();
+    let pkgs = dead.pkgs_path().display().to_string();
+    let env: Vec<(&str, String)> = s3_env(&moto)
+        .into_iter()
+        .chain([
+            ("S3_BUCKET", bucket.clone()),
+            ("NIXERY_STORAGE__UPLOAD_CHUNK_MIB", "1".into()),
+            ("STORAGE_PATH", storage_dir),
+            ("NIXERY_PKGS_PATH", pkgs),
+        ])
+        .collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = Server::start(&env);
+    // moto answers only signed reads: a blob's bytes come through the registry's
+    // presigned redirect.
+    let blob_bytes = |digest: &str| {
+        let url = server.url(&format!("/v2/noise/blobs/{digest}"));
+        let (status, h, _) = http_get(&url, &[]);
+        assert_eq!(status, 307, "{url}");
+        let (status, _, bytes) = http_get(h.get("location").expect("Location"), &[]);
+        assert_eq!(status, 200, "{digest}");
+        bytes
+    };
+
+    // Every object the killed process left under a digest name is complete: its
+    // bytes have that digest. It wrote no image record.
+    let left = bucket_keys(&moto, &bucket, "blobs/");
+    for key in &left {
+        let hex = key.strip_prefix("blobs/sha256/").expect("digest name");
+        let digest = format!("sha256:{hex}");
+        assert_eq!(sha256_digest(&blob_bytes(&digest)), digest, "{key}");
+    }
+    assert_eq!(
+        bucket_keys(&moto, &bucket, "records/images/"),
+        Vec::<String>::new()
+    );
+    eprintln!(
+        "killed with an upload open: {} complete blobs left",
+        left.len()
+    );
+
+    let (_, m) = manifest(&server, "noise");
+    let (largest, _) = largest_layer(&m);
+    assert!(
+        !left
+            .iter()
+            .any(|k| k.ends_with(largest.trim_start_matches("sha256:"))),
+        "the layer being uploaded at the kill was already published"
+    );
+    for d in blob_digests(&m) {
+        assert_eq!(sha256_digest(&blob_bytes(&d)), d);
+    }
+    assert_eq!(
+        bucket_keys(&moto, &bucket, "staging/"),
+        Vec::<String>::new()
+    );
 }
