@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub async fn run(settings: Settings) -> Result<(), String> {
+    crate::compression::set_threads(settings.layers.compression_threads);
     let sources = Sources::start(&settings)?;
     let source = sources.source().clone();
     let storage =
@@ -110,7 +111,6 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         bin_dir: (!nix.bin_dir.is_empty()).then(|| PathBuf::from(&nix.bin_dir)),
         eval_timeout: Duration::from_secs(nix.eval_timeout_secs.max(1)),
         build_timeout: Duration::from_secs(nix.timeout_secs),
-        gzip_level: settings.layers.gzip_level,
         options: options.args(),
         config: sources.nixpkgs_config().clone(),
         home,
@@ -146,6 +146,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             size_threshold: settings.layers.size_threshold,
         },
         gzip_level: settings.layers.gzip_level,
+        zstd_level: settings.layers.zstd_level,
         max_image_bytes: settings.limits.max_image_bytes,
         // A build holds its lease at most as long as Nix may run, plus packing.
         lease_ttl: Duration::from_secs(settings.nix.timeout_secs + 300),
@@ -205,6 +206,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         sources,
         verify_interval: Duration::from_secs(settings.storage.verify_interval_secs),
         retention,
+        compression: settings.compression().map_err(|e| e.to_string())?,
         limits: settings.limits.clone(),
         systems: settings.systems().map_err(|e| e.to_string())?,
         auth,

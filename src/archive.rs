@@ -40,7 +40,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::pargzip::ParGzEncoder;
+use crate::compression::{Codec, Encoder};
 use ring::digest::{Context, SHA256};
 use serde::{Deserialize, Serialize};
 use tar::{EntryType, Header};
@@ -203,8 +203,8 @@ pub enum ArchiveError {
     /// Sockets, FIFOs and device nodes never occur in the Nix store and are refused.
     #[error("{}: unsupported file type ({kind})", path.display())]
     Unsupported { path: PathBuf, kind: &'static str },
-    #[error("invalid gzip level {0} (expected 0..=9)")]
-    InvalidLevel(u32),
+    #[error("{0}")]
+    InvalidCodec(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ArchiveError + '_ {
@@ -225,16 +225,9 @@ fn bytes_path(bytes: &[u8]) -> &Path {
     Path::new(OsStr::from_bytes(bytes))
 }
 
-fn check_level(level: u32) -> Result<(), ArchiveError> {
-    if level > 9 {
-        return Err(ArchiveError::InvalidLevel(level));
-    }
-    Ok(())
-}
-
 /// The buffer sits *before* the tar hash so that both hashes and deflate see large writes; the
 /// tar encoder itself emits 512-byte headers one by one.
-type Pipeline<W> = BufWriter<HashingWriter<ParGzEncoder<HashingWriter<W>>>>;
+type Pipeline<W> = BufWriter<HashingWriter<Encoder<HashingWriter<W>>>>;
 
 /// A tar stream with normalised headers on top of the hashing/compressing pipeline.
 struct LayerWriter<W: Write> {
@@ -243,12 +236,13 @@ struct LayerWriter<W: Write> {
 }
 
 impl<W: Write> LayerWriter<W> {
-    fn new(level: u32, out: W) -> Result<LayerWriter<W>, ArchiveError> {
-        check_level(level)?;
+    fn new(codec: Codec, out: W) -> Result<LayerWriter<W>, ArchiveError> {
+        let codec = codec.check().map_err(ArchiveError::InvalidCodec)?;
         // Compressed on every core; the bytes (and so the digest) do not depend on
         // how many there are.
-        let gz = ParGzEncoder::new(HashingWriter::new(out), level);
-        let pipeline = BufWriter::with_capacity(BUF_SIZE, HashingWriter::new(gz));
+        let compressed =
+            Encoder::new(codec, HashingWriter::new(out)).map_err(ArchiveError::Finish)?;
+        let pipeline = BufWriter::with_capacity(BUF_SIZE, HashingWriter::new(compressed));
         Ok(LayerWriter {
             tar: tar::Builder::new(pipeline),
             buf: vec![0u8; BUF_SIZE].into_boxed_slice(),
@@ -388,12 +382,13 @@ impl<W: Write> LayerWriter<W> {
 /// an entry with mode 0755; everything from the path down keeps its own permission bits.
 /// Symlinks are stored, never followed.
 ///
-/// `level` is the gzip level, 0..=9. Returns the sink (flushed) and the layer's digests. On error
+/// `codec` is the compression and its level. Returns the sink (flushed) and the layer's digests.
+/// On error
 /// `out` may already hold part of a stream (the encoders finish on drop): discard it.
 pub fn write_store_layer<W: Write>(
     root: &Path,
     paths: &[PathBuf],
-    level: u32,
+    codec: Codec,
     out: W,
 ) -> Result<(W, LayerSummary), ArchiveError> {
     let mut rels = paths
@@ -405,7 +400,7 @@ pub fn write_store_layer<W: Write>(
     rels.sort();
     rels.dedup();
 
-    let mut w = LayerWriter::new(level, out)?;
+    let mut w = LayerWriter::new(codec, out)?;
     let mut walker = StoreWalker {
         src: PathBuf::new(),
         name: Vec::with_capacity(1024),
@@ -567,10 +562,10 @@ enum Found {
 /// a later write error may leave a partial stream in it.
 pub fn write_symlink_layer<W: Write>(
     packages: &[PathBuf],
-    level: u32,
+    codec: Codec,
     out: W,
 ) -> Result<(W, LayerSummary, SymlinkLayerInfo), ArchiveError> {
-    check_level(level)?;
+    let codec = codec.check().map_err(ArchiveError::InvalidCodec)?;
     let mut root: BTreeMap<OsString, Node> = BTreeMap::new();
     let mut collisions = Vec::new();
     for pkg in packages {
@@ -624,7 +619,7 @@ pub fn write_symlink_layer<W: Write>(
     }
     root.entry("root".into()).or_insert(Node::dir(0o700));
 
-    let mut w = LayerWriter::new(level, out)?;
+    let mut w = LayerWriter::new(codec, out)?;
     let mut name = Vec::with_capacity(256);
     emit_forest(&mut w, &root, &mut name)?;
     let (out, summary) = w.finish()?;
@@ -874,7 +869,7 @@ mod tests {
     }
 
     fn store_layer(root: &Path, paths: &[PathBuf], level: u32) -> (Vec<u8>, LayerSummary) {
-        write_store_layer(root, paths, level, Vec::new()).unwrap()
+        write_store_layer(root, paths, Codec::Gzip { level }, Vec::new()).unwrap()
     }
 
     /// Component-wise order, which is what "sorted by name" means for the stream.
@@ -1047,19 +1042,40 @@ mod tests {
     fn store_layer_rejects_bad_input() {
         let st = store();
         let root = st.dir.path();
-        let err =
-            write_store_layer(root, &[PathBuf::from("/elsewhere")], 6, Vec::new()).unwrap_err();
+        let err = write_store_layer(
+            root,
+            &[PathBuf::from("/elsewhere")],
+            Codec::Gzip { level: 6 },
+            Vec::new(),
+        )
+        .unwrap_err();
         assert!(matches!(err, ArchiveError::BadPath { .. }), "{err}");
-        let err = write_store_layer(root, &[root.join("nix/../x")], 6, Vec::new()).unwrap_err();
+        let err = write_store_layer(
+            root,
+            &[root.join("nix/../x")],
+            Codec::Gzip { level: 6 },
+            Vec::new(),
+        )
+        .unwrap_err();
         assert!(matches!(err, ArchiveError::BadPath { .. }), "{err}");
         let missing = root.join("nix/store/missing");
-        match write_store_layer(root, std::slice::from_ref(&missing), 6, Vec::new()) {
+        match write_store_layer(
+            root,
+            std::slice::from_ref(&missing),
+            Codec::Gzip { level: 6 },
+            Vec::new(),
+        ) {
             Err(ArchiveError::Io { path, .. }) => assert_eq!(path, missing),
             other => panic!("{other:?}"),
         }
-        let err =
-            write_store_layer(root, std::slice::from_ref(&st.hello), 10, Vec::new()).unwrap_err();
-        assert!(matches!(err, ArchiveError::InvalidLevel(10)));
+        let err = write_store_layer(
+            root,
+            std::slice::from_ref(&st.hello),
+            Codec::Gzip { level: 10 },
+            Vec::new(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ArchiveError::InvalidCodec(_)), "{err}");
     }
 
     #[test]
@@ -1100,7 +1116,8 @@ mod tests {
     }
 
     fn symlink_layer(pkgs: &[PathBuf]) -> (Vec<u8>, LayerSummary, SymlinkLayerInfo, Vec<Ent>) {
-        let (gz, s, info) = write_symlink_layer(pkgs, 6, Vec::new()).unwrap();
+        let (gz, s, info) =
+            write_symlink_layer(pkgs, Codec::Gzip { level: 6 }, Vec::new()).unwrap();
         let tar = gunzip(&gz);
         assert_eq!(s.digest, sha(&gz));
         assert_eq!(s.diff_id, sha(&tar));
@@ -1221,7 +1238,11 @@ mod tests {
     fn symlink_layer_missing_package_is_an_error() {
         let missing = PathBuf::from("/nonexistent/nix/store/xxxx-gone");
         let mut out = Vec::new();
-        match write_symlink_layer(std::slice::from_ref(&missing), 6, &mut out) {
+        match write_symlink_layer(
+            std::slice::from_ref(&missing),
+            Codec::Gzip { level: 6 },
+            &mut out,
+        ) {
             Err(ArchiveError::Io { path, .. }) => assert_eq!(path, missing),
             other => panic!("{:?}", other.map(|(_, s, i)| (s, i))),
         }
@@ -1245,7 +1266,9 @@ mod tests {
         let paths = [PathBuf::from(dir)];
         for level in levels.split(',').map(|l| l.trim().parse::<u32>().unwrap()) {
             let start = Instant::now();
-            let (_, s) = write_store_layer(Path::new("/"), &paths, level, io::sink()).unwrap();
+            let (_, s) =
+                write_store_layer(Path::new("/"), &paths, Codec::Gzip { level }, io::sink())
+                    .unwrap();
             let secs = start.elapsed().as_secs_f64();
             eprintln!(
                 "level {level}: {:.1} MB tar -> {:.1} MB gz in {secs:.2} s = {:.1} MB/s (tar input)",

@@ -61,6 +61,12 @@ impl Referrer {
 }
 
 impl BuiltImage {
+    /// An image (or index) with an OCI manifest only, which stands in for the Docker
+    /// one: its layers are zstd, which Docker manifests have no type for.
+    pub fn oci_only(&self) -> bool {
+        self.docker.digest == self.oci.digest
+    }
+
     pub fn manifest(&self, format: ManifestFormat) -> &StoredManifest {
         match format {
             ManifestFormat::Docker => &self.docker,
@@ -70,6 +76,11 @@ impl BuiltImage {
 
     /// The media type the manifest of `format` is served with.
     pub fn media_type(&self, format: ManifestFormat) -> &'static str {
+        let format = if self.oci_only() {
+            ManifestFormat::Oci
+        } else {
+            format
+        };
         if self.children.is_empty() {
             format.media_type()
         } else {

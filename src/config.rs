@@ -3,6 +3,7 @@
 //!
 //! Pure after `load`: nothing else in the program reads the environment.
 
+use crate::compression::Compression;
 use crate::image::Arch;
 use serde::Deserialize;
 use std::collections::HashMap;
@@ -136,6 +137,9 @@ pub struct LayerSettings {
     pub popularity_threshold: u64,
     pub size_threshold: u64,
     pub gzip_level: u32,
+    pub compression: String,
+    pub zstd_level: i32,
+    pub compression_threads: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -235,6 +239,10 @@ impl Settings {
         if !(1..=9).contains(&self.layers.gzip_level) {
             return err("layers.gzip_level", "must be between 1 and 9");
         }
+        self.compression()?;
+        if !(1..=19).contains(&self.layers.zstd_level) {
+            return err("layers.zstd_level", "must be between 1 and 19");
+        }
         if self.layers.budget == 0 {
             return err("layers.budget", "must be at least 1");
         }
@@ -298,6 +306,16 @@ impl Settings {
             );
         }
         Ok(())
+    }
+
+    /// How layers are compressed unless the name asks for zstd.
+    pub fn compression(&self) -> Result<Compression, ConfigError> {
+        Compression::parse(&self.layers.compression).ok_or_else(|| {
+            ConfigError(format!(
+                "layers.compression: unknown compression {:?}, expected \"gzip\" or \"zstd\"",
+                self.layers.compression
+            ))
+        })
     }
 
     pub fn package_source(&self) -> Result<PackageSource, ConfigError> {

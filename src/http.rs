@@ -7,6 +7,7 @@ use crate::actors::signer::{BlobAccess, LocateBlob, SignerActor};
 use crate::auth::{self, Auth, Caller, Credentials, Denied};
 use crate::blob_gc::{self, Retention};
 use crate::built::BuiltImage;
+use crate::compression::Compression;
 use crate::config::Limits;
 use crate::error::RegistryError;
 use crate::image::{Arch, ImageRequest};
@@ -40,6 +41,8 @@ pub struct AppState {
     pub verify_interval: std::time::Duration,
     /// How long unused blobs are kept; None: forever.
     pub retention: Option<Retention>,
+    /// How layers are compressed unless the name asks for zstd.
+    pub compression: Compression,
     pub limits: Limits,
     /// The platforms images are built for, sorted; more than one means indexes.
     pub systems: Vec<Arch>,
@@ -413,7 +416,11 @@ async fn serve(
             name,
             reference: Reference::Tag(tag),
         } => {
-            let request = ImageRequest::from_name(&name, state.limits.max_packages)?;
+            let request = ImageRequest::from_name(&name, state.limits.max_packages)?
+                .with_default_compression(state.compression);
+            if request.compression() == Compression::Zstd {
+                zstd_client(req, &name)?;
+            }
             let source = state.sources.resolve(&tag).await?;
             let accept = || {
                 req.headers()
@@ -449,6 +456,9 @@ async fn serve(
             }
             state.sources.served(&tag);
             let format = match (image.children.is_empty(), index) {
+                // An image with zstd layers has an OCI manifest only, which the
+                // client was checked to read.
+                _ if image.oci_only() => ManifestFormat::Oci,
                 (false, Some(index)) => index,
                 _ => ManifestFormat::negotiate(accept()),
             };
@@ -481,6 +491,57 @@ async fn serve(
         }
         Route::Blob { digest, .. } => blob(req, state, digest).await,
     }
+}
+
+/// Refuses a zstd image to a client that cannot unpack it, before anything is
+/// built: one that accepts Docker manifests only, or docker before 23, which
+/// accepts OCI manifests but cannot decompress zstd layers (it fails after the
+/// download with `archive/tar: invalid tar header`).
+fn zstd_client(req: &HttpRequest, name: &str) -> Result<(), RegistryError> {
+    let accepted: Vec<String> = req
+        .headers()
+        .get_all(header::ACCEPT)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|line| line.split(','))
+        .map(|item| {
+            item.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .filter(|t| !t.is_empty())
+        .collect();
+    let names_manifests = accepted.iter().any(|t| t.starts_with("application/vnd."));
+    let oci = accepted
+        .iter()
+        .any(|t| t == manifest::OCI_MANIFEST || t == manifest::OCI_INDEX);
+    let agent = req
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let old_docker = agent
+        .strip_prefix("docker/")
+        .and_then(|v| v.split('.').next())
+        .and_then(|major| major.parse::<u32>().ok())
+        .is_some_and(|major| major < 23);
+    if (names_manifests && !oci) || old_docker {
+        let plain = name
+            .split('/')
+            .filter(|c| *c != "zstd")
+            .collect::<Vec<_>>()
+            .join("/");
+        return Err(RegistryError::new(
+            StatusCode::BAD_REQUEST,
+            "UNSUPPORTED",
+            format!(
+                "{name} has zstd layers, which this client cannot unpack; pull it with docker 23 \
+                 or later, containerd, podman or skopeo, or pull {plain} (gzip) instead"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The image for a tag request: cached, or from the coordinator.

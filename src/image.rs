@@ -4,6 +4,7 @@
 //! Pure: no I/O, no actix. The name has already passed the OCI grammar
 //! (`reference::parse_route`), so components hold only `[a-z0-9._-]`.
 
+use crate::compression::Compression;
 use serde::Serialize;
 
 /// Packages added by the `shell` meta-package.
@@ -86,6 +87,15 @@ pub struct ImageRequest {
     /// The architecture a prefix (`arm64/`, `amd64/`) picked; None asks for every
     /// platform the registry serves.
     pub arch: Option<Arch>,
+    /// How layers are compressed: zstd when the name starts with `zstd/`, else the
+    /// server's default, filled in before the request is keyed. Left out of keys
+    /// for gzip, so gzip images keep the keys they had before zstd existed.
+    #[serde(skip_serializing_if = "is_gzip")]
+    pub compression: Option<Compression>,
+}
+
+fn is_gzip(c: &Option<Compression>) -> bool {
+    matches!(c, None | Some(Compression::Gzip))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -95,11 +105,12 @@ pub enum ImageError {
 }
 
 impl ImageRequest {
-    /// Meta-packages (`shell`, `arm64`, `amd64`) count only in the leading run of components,
-    /// so `htop/shell` asks for a package called `shell`, as users of other Nixery
-    /// instances expect.
+    /// Meta-packages (`shell`, `arm64`, `amd64`, `zstd`) count only in the leading run of
+    /// components, so `htop/shell` asks for a package called `shell`, as users of other
+    /// Nixery instances expect (and `hello/zstd` for the zstd tool).
     pub fn from_name(name: &str, max_packages: usize) -> Result<Self, ImageError> {
         let mut arch = None;
+        let mut compression = None;
         let mut packages: Vec<String> = Vec::new();
         let mut leading = true;
         for component in name.split('/') {
@@ -107,6 +118,10 @@ impl ImageRequest {
                 match component {
                     "shell" => {
                         packages.extend(SHELL_PACKAGES.iter().map(|p| p.to_string()));
+                        continue;
+                    }
+                    "zstd" => {
+                        compression = Some(Compression::Zstd);
                         continue;
                     }
                     other => match Arch::from_prefix(other) {
@@ -128,7 +143,11 @@ impl ImageRequest {
                 max: max_packages,
             });
         }
-        Ok(ImageRequest { packages, arch })
+        Ok(ImageRequest {
+            packages,
+            arch,
+            compression,
+        })
     }
 
     /// The optional packages not already requested.
@@ -145,7 +164,19 @@ impl ImageRequest {
         ImageRequest {
             packages: self.packages.clone(),
             arch: Some(arch),
+            compression: self.compression,
         }
+    }
+
+    /// The server's compression unless the name chose one.
+    pub fn with_default_compression(mut self, default: Compression) -> ImageRequest {
+        self.compression.get_or_insert(default);
+        self
+    }
+
+    /// The compression of a request whose default was filled in.
+    pub fn compression(&self) -> Compression {
+        self.compression.unwrap_or_default()
     }
 
     /// The architecture of a single-platform request.
@@ -157,6 +188,9 @@ impl ImageRequest {
     /// unnamed, as it did before the registry served more than one platform.
     pub fn display_name(&self) -> String {
         let mut parts = Vec::new();
+        if self.compression() == Compression::Zstd {
+            parts.push("zstd".to_string());
+        }
         if let Some(a) = self.arch.filter(|a| *a != Arch::Amd64) {
             parts.push(a.oci().to_string());
         }
@@ -175,6 +209,38 @@ mod tests {
 
     fn pkgs(name: &str) -> Vec<String> {
         ImageRequest::from_name(name, 64).unwrap().packages
+    }
+
+    #[test]
+    fn zstd_is_a_meta_package_only_at_the_front() {
+        let zstd = ImageRequest::from_name("zstd/arm64/hello", 64).unwrap();
+        assert_eq!(zstd.compression, Some(Compression::Zstd));
+        assert_eq!(zstd.packages, ["hello"]);
+        assert_eq!(zstd.display_name(), "zstd/arm64/hello");
+        let tool = ImageRequest::from_name("hello/zstd", 64).unwrap();
+        assert_eq!(tool.compression, None);
+        assert_eq!(tool.packages, ["hello", "zstd"]);
+        // A gzip request serialises as it did before compression was a choice, so
+        // the keys of images already built stay the same.
+        let gzip = ImageRequest::from_name("hello", 64)
+            .unwrap()
+            .with_default_compression(Compression::Gzip);
+        assert_eq!(
+            serde_json::to_string(&gzip).unwrap(),
+            r#"{"packages":["hello"],"arch":null}"#
+        );
+        let by_default = ImageRequest::from_name("hello", 64)
+            .unwrap()
+            .with_default_compression(Compression::Zstd);
+        assert_eq!(by_default.compression(), Compression::Zstd);
+        assert_eq!(
+            serde_json::to_string(&by_default).unwrap(),
+            r#"{"packages":["hello"],"arch":null,"compression":"zstd"}"#
+        );
+        assert_eq!(
+            by_default.for_arch(Arch::Arm64).compression(),
+            Compression::Zstd
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod archive;
 pub mod auth;
 pub mod blob_gc;
 pub mod built;
+pub mod compression;
 pub mod config;
 pub mod error;
 pub mod http;

@@ -5,6 +5,7 @@
 //! Pure: no I/O, no actix. Output bytes depend only on the inputs (struct field
 //! order fixes the JSON key order), so the same image always has the same digests.
 
+use crate::compression::Compression;
 use crate::image::Arch;
 use crate::reference::Digest;
 use serde::Serialize;
@@ -15,6 +16,7 @@ pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzi
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const OCI_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
@@ -166,16 +168,21 @@ pub(crate) struct Descriptor<'a> {
 /// The manifest bytes for one format; `config_digest` and `config_size` describe the
 /// blob from [`config_blob`]. The manifest carries its own `mediaType` so that it can
 /// be served by digest without remembering the format elsewhere.
+///
+/// zstd layers go only into OCI manifests: a Docker manifest has no standard type
+/// for them, and clients reject or misread the non-standard one.
 pub fn manifest_bytes(
     format: ManifestFormat,
     config_digest: &str,
     config_size: u64,
     layers: &[LayerEntry],
+    compression: Compression,
 ) -> Vec<u8> {
-    let (config_type, layer_type) = match format {
-        ManifestFormat::Docker => (DOCKER_CONFIG, DOCKER_LAYER),
-        ManifestFormat::Oci => (OCI_CONFIG, OCI_LAYER),
+    let config_type = match format {
+        ManifestFormat::Docker => DOCKER_CONFIG,
+        ManifestFormat::Oci => OCI_CONFIG,
     };
+    let layer_type = layer_media_type(format, compression);
     let manifest = Manifest {
         schema_version: 2,
         media_type: format.media_type(),
@@ -194,6 +201,16 @@ pub fn manifest_bytes(
             .collect(),
     };
     serde_json::to_vec(&manifest).expect("manifest serialises")
+}
+
+/// The media type of a layer in a manifest of `format`.
+pub fn layer_media_type(format: ManifestFormat, compression: Compression) -> &'static str {
+    match (format, compression) {
+        (ManifestFormat::Docker, Compression::Gzip) => DOCKER_LAYER,
+        (ManifestFormat::Oci, Compression::Gzip) => OCI_LAYER,
+        // Not written into Docker manifests (see manifest_bytes).
+        (_, Compression::Zstd) => OCI_LAYER_ZSTD,
+    }
 }
 
 /// One image of an index.
@@ -346,8 +363,14 @@ mod tests {
     #[test]
     fn docker_manifest_bytes_are_exact() {
         let cfg = format!("sha256:{}", "e".repeat(64));
-        let got =
-            String::from_utf8(manifest_bytes(ManifestFormat::Docker, &cfg, 5, &layers())).unwrap();
+        let got = String::from_utf8(manifest_bytes(
+            ManifestFormat::Docker,
+            &cfg,
+            5,
+            &layers(),
+            Compression::Gzip,
+        ))
+        .unwrap();
         let want = format!(
             concat!(
                 r#"{{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","#,
@@ -365,14 +388,36 @@ mod tests {
 
     #[test]
     fn oci_manifest_uses_oci_types() {
-        let bytes = manifest_bytes(ManifestFormat::Oci, "sha256:x", 1, &layers());
+        let bytes = manifest_bytes(
+            ManifestFormat::Oci,
+            "sha256:x",
+            1,
+            &layers(),
+            Compression::Gzip,
+        );
         let s = String::from_utf8(bytes.clone()).unwrap();
         assert!(s.contains(OCI_CONFIG) && s.contains(OCI_LAYER) && !s.contains("docker"));
         assert_eq!(declared_media_type(&bytes), Some(OCI_MANIFEST));
         assert_eq!(
             bytes,
-            manifest_bytes(ManifestFormat::Oci, "sha256:x", 1, &layers())
+            manifest_bytes(
+                ManifestFormat::Oci,
+                "sha256:x",
+                1,
+                &layers(),
+                Compression::Gzip
+            )
         );
+        let zstd = manifest_bytes(
+            ManifestFormat::Oci,
+            "sha256:x",
+            1,
+            &layers(),
+            Compression::Zstd,
+        );
+        let s = String::from_utf8(zstd).unwrap();
+        assert_eq!(s.matches(OCI_LAYER_ZSTD).count(), 2, "{s}");
+        assert!(!s.contains(OCI_LAYER));
     }
 
     #[test]

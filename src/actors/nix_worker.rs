@@ -4,6 +4,7 @@
 //! many run at once.
 
 use crate::archive::{self, LayerSummary, SymlinkLayerInfo};
+use crate::compression::Codec;
 use crate::error::BuildError;
 use crate::layers::StorePathInfo;
 use crate::nix::{self, Evaluation, NixpkgsConfig, SourceArgs};
@@ -61,6 +62,7 @@ pub enum LayerContents {
 pub struct Pack {
     pub contents: LayerContents,
     pub sink: BlobSender,
+    pub codec: Codec,
 }
 
 /// What packing computed while writing.
@@ -79,7 +81,6 @@ pub struct NixWorker {
     pub bin_dir: Option<PathBuf>,
     pub eval_timeout: Duration,
     pub build_timeout: Duration,
-    pub gzip_level: u32,
     /// `--option`s given to every Nix call.
     pub options: Vec<String>,
     pub config: NixpkgsConfig,
@@ -280,21 +281,21 @@ impl Handler<Pack> for NixWorker {
     type Result = Result<PackedLayer, BuildError>;
 
     fn handle(&mut self, msg: Pack, _: &mut Self::Context) -> Self::Result {
-        pack_layer(msg, self.gzip_level)
+        pack_layer(msg)
     }
 }
 
 /// Writes a layer into the job's sink and ends the blob with its digest; blocks on
 /// compression and on storage taking the chunks.
-pub fn pack_layer(job: Pack, level: u32) -> Result<PackedLayer, BuildError> {
+pub fn pack_layer(job: Pack) -> Result<PackedLayer, BuildError> {
     let started = Instant::now();
     let (sink, summary, symlinks) = match &job.contents {
         LayerContents::Store(paths) => {
-            archive::write_store_layer(Path::new("/"), paths, level, job.sink)
+            archive::write_store_layer(Path::new("/"), paths, job.codec, job.sink)
                 .map(|(w, s)| (w, s, None))
         }
         LayerContents::Symlinks(packages) => {
-            archive::write_symlink_layer(packages, level, job.sink)
+            archive::write_symlink_layer(packages, job.codec, job.sink)
                 .map(|(w, s, info)| (w, s, Some(info)))
         }
     }

@@ -122,7 +122,7 @@ impl NixRunner for FakeNix {
     fn pack(&self, job: Pack) -> BoxFuture<'static, Result<PackedLayer, BuildError>> {
         self.packs.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || pack_layer(job, 1))
+            tokio::task::spawn_blocking(move || pack_layer(job))
                 .await
                 .unwrap()
         })
@@ -145,6 +145,7 @@ pub(crate) fn settings(nix: &FakeNix) -> ImageSettings {
             size_threshold: 100_000_000,
         },
         gzip_level: 1,
+        zstd_level: 3,
         max_image_bytes: 0,
         lease_ttl: Duration::from_secs(60),
     }

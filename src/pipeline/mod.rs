@@ -22,7 +22,8 @@ pub use records::{image_in_storage, load_referrers, record_blobs};
 
 use crate::actors::nix_worker::{Evaluate, LayerContents, NixWorker, Pack, PackedLayer, Realise};
 use crate::actors::upload::UploadActor;
-use crate::built::BuiltImage;
+use crate::built::{BuiltImage, StoredManifest};
+use crate::compression::{Codec, Compression};
 use crate::error::BuildError;
 use crate::image::{Arch, ImageRequest};
 use crate::layers::{self, LayerParams, LayerPlan, Popularity, StorePathInfo};
@@ -82,8 +83,23 @@ pub struct ImageSettings {
     pub popularity_id: String,
     pub params: LayerParams,
     pub gzip_level: u32,
+    pub zstd_level: i32,
     pub max_image_bytes: u64,
     pub lease_ttl: Duration,
+}
+
+impl ImageSettings {
+    /// The codec and level layers of `compression` are packed with.
+    pub fn codec(&self, compression: Compression) -> Codec {
+        match compression {
+            Compression::Gzip => Codec::Gzip {
+                level: self.gzip_level,
+            },
+            Compression::Zstd => Codec::Zstd {
+                level: self.zstd_level,
+            },
+        }
+    }
 }
 
 /// Everything a build needs; shared by all builds.
@@ -248,7 +264,7 @@ pub async fn build_image(c: &Arc<BuildContext>, job: &Job) -> Result<Arc<BuiltIm
         let closure = realise(c, job, &evaluation).await?;
         let plans = plan_layers(&c.settings, &evaluation, &closure)?;
         let mut layers = store::store_layers(c, job, &plans, &closure, &tally).await?;
-        let (top, runtime) = store::symlink_layer(c, &evaluation, &tally).await?;
+        let (top, runtime) = store::symlink_layer(c, job, &evaluation, &tally).await?;
         layers.push(top);
         let image = assemble(c, job, &evaluation, &closure, &layers, &runtime, &tally).await?;
         records::store_image(c, job, &image_key, &image).await?;
@@ -264,8 +280,14 @@ pub async fn build_index(
     c: &BuildContext,
     children: Vec<(Arch, Arc<BuiltImage>)>,
 ) -> Result<Arc<BuiltImage>, BuildError> {
+    // Children with an OCI manifest only (zstd) make an OCI index only.
+    let formats: &[ManifestFormat] = if children.iter().any(|(_, image)| image.oci_only()) {
+        &[ManifestFormat::Oci]
+    } else {
+        &[ManifestFormat::Docker, ManifestFormat::Oci]
+    };
     let mut manifests = Vec::with_capacity(2);
-    for format in [ManifestFormat::Docker, ManifestFormat::Oci] {
+    for &format in formats {
         let entries: Vec<IndexEntry> = children
             .iter()
             .map(|(arch, image)| {
@@ -281,8 +303,8 @@ pub async fn build_index(
         let tally = Tally::default();
         manifests.push(store::put_manifest(c, bytes, format.index_media_type(), &tally).await?);
     }
-    let oci = manifests.pop().expect("two indexes");
-    let docker = manifests.pop().expect("two indexes");
+    let oci = manifests.pop().expect("an OCI index");
+    let docker = manifests.pop().unwrap_or_else(|| oci.clone());
     let mut children = children;
     children.sort_by_key(|(arch, _)| *arch);
     Ok(Arc::new(BuiltImage {
@@ -420,19 +442,34 @@ async fn assemble(
 ) -> Result<Arc<BuiltImage>, BuildError> {
     let config = Bytes::from(manifest::config_blob(job.arch, layers, runtime));
     let config_digest = store::put_blob(c, config.clone(), manifest::DOCKER_CONFIG, tally).await?;
+    let compression = job.request.compression();
+    // zstd images have an OCI manifest only; it stands in for both formats.
+    let formats: &[ManifestFormat] = match compression {
+        Compression::Gzip => &[ManifestFormat::Docker, ManifestFormat::Oci],
+        Compression::Zstd => &[ManifestFormat::Oci],
+    };
     let mut manifests = Vec::with_capacity(2);
-    for format in [ManifestFormat::Docker, ManifestFormat::Oci] {
+    for format in formats {
         let bytes = Bytes::from(manifest::manifest_bytes(
-            format,
+            *format,
             &config_digest.to_string(),
             config.len() as u64,
             layers,
+            compression,
         ));
         manifests.push(store::put_manifest(c, bytes, format.media_type(), tally).await?);
     }
-    let oci = manifests.pop().expect("two manifests");
-    let docker = manifests.pop().expect("two manifests");
-    let referrers = store::attach_sbom(c, job, evaluation, closure, [&docker, &oci], tally).await?;
+    let oci = manifests.pop().expect("an OCI manifest");
+    let docker = manifests.pop().unwrap_or_else(|| oci.clone());
+    let subjects: &[(&StoredManifest, ManifestFormat)] = if docker.digest == oci.digest {
+        &[(&oci, ManifestFormat::Oci)]
+    } else {
+        &[
+            (&docker, ManifestFormat::Docker),
+            (&oci, ManifestFormat::Oci),
+        ]
+    };
+    let referrers = store::attach_sbom(c, job, evaluation, closure, subjects, tally).await?;
     log::info!(
         "build {}: {} layers reused, {} layers built, {} bytes uploaded, image {} bytes",
         job.label(),
@@ -481,7 +518,7 @@ async fn reuse(
 /// The key of an assembled image: its top-level store paths and every setting that
 /// changes its bytes.
 fn image_key(settings: &ImageSettings, job: &Job, evaluation: &Evaluation) -> String {
-    let material = serde_json::json!({
+    let mut material = serde_json::json!({
         "version": FORMAT_VERSION,
         "nixpkgs_config": job.source.config,
         "arch": job.arch,
@@ -492,11 +529,20 @@ fn image_key(settings: &ImageSettings, job: &Job, evaluation: &Evaluation) -> St
         "popularity": settings.popularity_id,
         "gzip_level": settings.gzip_level,
     });
+    if let Codec::Zstd { level } = settings.codec(job.request.compression()) {
+        material["zstd_level"] = level.into();
+    }
     sha256_hex(material.to_string().as_bytes())
 }
 
-fn layer_key(paths: &[String], gzip_level: u32) -> String {
-    sha256_hex(&serde_json::to_vec(&(FORMAT_VERSION, gzip_level, paths)).expect("keys serialise"))
+/// The key of a layer: its paths and how it is compressed (gzip keys are what they
+/// were before zstd existed).
+fn layer_key(paths: &[String], codec: Codec) -> String {
+    let material = match codec {
+        Codec::Gzip { level } => serde_json::to_vec(&(FORMAT_VERSION, level, paths)),
+        Codec::Zstd { level } => serde_json::to_vec(&(FORMAT_VERSION, "zstd", level, paths)),
+    };
+    sha256_hex(&material.expect("keys serialise"))
 }
 
 fn mailbox(e: MailboxError) -> BuildError {

@@ -7,6 +7,7 @@ use super::{layer_key, mailbox, store_contents, top_level_packages, BuildContext
 use crate::actors::nix_worker::{LayerContents, Pack, PackedLayer};
 use crate::actors::upload::{Put, PutBlobBytes, PutBlobStream};
 use crate::built::{Referrer, StoredManifest};
+use crate::compression::Codec;
 use crate::error::BuildError;
 use crate::layers::{LayerPlan, StorePathInfo};
 use crate::manifest::{self, LayerEntry, ManifestFormat, RuntimeConfig};
@@ -50,6 +51,7 @@ pub(super) async fn store_layers(
         job.label(),
         plans.len() + 1
     );
+    let codec = c.settings.codec(job.request.compression());
     let done = futures::future::join_all(plans.iter().map(|plan| {
         let nar: u64 = plan
             .paths
@@ -57,7 +59,7 @@ pub(super) async fn store_layers(
             .map(|p| nar_sizes.get(p.as_str()).copied().unwrap_or(0))
             .sum();
         async move {
-            let done = layer(c, plan, tally).await;
+            let done = layer(c, codec, plan, tally).await;
             c.shared.update(&job.key, |p| {
                 p.layers_done += 1;
                 p.bytes_done += nar;
@@ -73,10 +75,11 @@ pub(super) async fn store_layers(
 /// and uploaded once even when several builds need it at the same time.
 async fn layer(
     c: &Arc<BuildContext>,
+    codec: Codec,
     plan: &LayerPlan,
     tally: &Tally,
 ) -> Result<LayerEntry, BuildError> {
-    let key = layer_key(&plan.paths, c.settings.gzip_level);
+    let key = layer_key(&plan.paths, codec);
     let remembered = c.layers.lock().expect("layer memo lock").get(&key).cloned();
     if let Some(record) = remembered {
         let stored = match Digest::parse(&record.digest) {
@@ -100,7 +103,7 @@ async fn layer(
                 let key = key.clone();
                 let plan = plan.clone();
                 async move {
-                    let result = build_layer(&c, &key, &plan).await;
+                    let result = build_layer(&c, codec, &key, &plan).await;
                     c.layer_builds
                         .lock()
                         .expect("layer builds lock")
@@ -125,6 +128,7 @@ async fn layer(
 
 async fn build_layer(
     c: &BuildContext,
+    codec: Codec,
     key: &str,
     plan: &LayerPlan,
 ) -> Result<(LayerEntry, Option<u64>), BuildError> {
@@ -136,7 +140,7 @@ async fn build_layer(
         c.shared.stats.layers_reused.inc();
         return Ok((entry_of(&record), None));
     }
-    let (packed, uploaded) = pack(c, store_contents(plan)).await?;
+    let (packed, uploaded) = pack(c, codec, store_contents(plan)).await?;
     let record = LayerRecord {
         digest: packed.summary.digest.clone(),
         diff_id: packed.summary.diff_id.clone(),
@@ -173,11 +177,13 @@ fn entry_of(record: &LayerRecord) -> LayerEntry {
 /// runtime config follows from what it holds.
 pub(super) async fn symlink_layer(
     c: &BuildContext,
+    job: &Job,
     evaluation: &Evaluation,
     tally: &Tally,
 ) -> Result<(LayerEntry, RuntimeConfig), BuildError> {
-    let (packed, uploaded) =
-        pack(c, LayerContents::Symlinks(top_level_packages(evaluation))).await?;
+    let codec = c.settings.codec(job.request.compression());
+    let contents = LayerContents::Symlinks(top_level_packages(evaluation));
+    let (packed, uploaded) = pack(c, codec, contents).await?;
     Tally::add(&tally.built, 1);
     Tally::add(&tally.uploaded, uploaded);
     let info = packed.symlinks.unwrap_or_default();
@@ -199,13 +205,21 @@ pub(super) async fn symlink_layer(
 
 /// Packs a layer on a worker while storage takes it in, chunk by chunk; returns
 /// the bytes uploaded with it.
-async fn pack(c: &BuildContext, contents: LayerContents) -> Result<(PackedLayer, u64), BuildError> {
+async fn pack(
+    c: &BuildContext,
+    codec: Codec,
+    contents: LayerContents,
+) -> Result<(PackedLayer, u64), BuildError> {
     let (sink, pieces) = storage::stream::channel(c.storage.stream_chunk());
     let (packed, put) = futures::join!(
-        c.nix.pack(Pack { contents, sink }),
+        c.nix.pack(Pack {
+            contents,
+            sink,
+            codec
+        }),
         c.uploader.send(PutBlobStream {
             pieces,
-            media_type: manifest::DOCKER_LAYER,
+            media_type: manifest::layer_media_type(ManifestFormat::Oci, codec.compression()),
         })
     );
     // Each side stops when the other does; the storage failure is the cause unless
@@ -273,7 +287,7 @@ pub(super) async fn attach_sbom(
     job: &Job,
     evaluation: &Evaluation,
     closure: &[StorePathInfo],
-    subjects: [&StoredManifest; 2],
+    subjects: &[(&StoredManifest, ManifestFormat)],
     tally: &Tally,
 ) -> Result<Vec<Referrer>, BuildError> {
     let paths: Vec<sbom::PathInfo> = closure
@@ -299,7 +313,13 @@ pub(super) async fn attach_sbom(
         })
         .collect();
     let name = job.request.display_name();
-    let oci_digest = subjects[1].digest.to_string();
+    let oci_digest = subjects
+        .iter()
+        .find(|(_, format)| *format == ManifestFormat::Oci)
+        .ok_or_else(|| BuildError::Internal("an SBOM needs an OCI manifest".into()))?
+        .0
+        .digest
+        .to_string();
     let document = Bytes::from(sbom::spdx_json(&sbom::SbomInput {
         image_name: &name,
         subject_digest: &oci_digest,
@@ -313,10 +333,7 @@ pub(super) async fn attach_sbom(
     let empty = Bytes::from_static(sbom::EMPTY_CONFIG);
     put_blob(c, empty, sbom::EMPTY_CONFIG_MEDIA_TYPE, tally).await?;
     let mut referrers = Vec::with_capacity(2);
-    for (subject, format) in subjects
-        .into_iter()
-        .zip([ManifestFormat::Docker, ManifestFormat::Oci])
-    {
+    for (subject, format) in subjects {
         let bytes = Bytes::from(sbom::artifact_manifest(
             &sbom_digest.to_string(),
             document_size,
