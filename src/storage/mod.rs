@@ -12,6 +12,8 @@ pub mod gcs;
 #[cfg(test)]
 pub mod memory;
 pub mod s3;
+#[cfg(test)]
+mod sigv4_verify;
 mod staging;
 pub mod stream;
 
