@@ -12,172 +12,29 @@ mod common;
 // own servers with dummy AWS credentials. moto does not check signatures, so
 // the tests check the shape of the presigned URL and that it serves the blob.
 
-use std::fs;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_no_work, assert_streamed_while_packed, free_port, http_get, http_head, http_request,
-    largest_layer, pull_and_run, random_hex, require_root, require_tool, required_metric,
-    run_with_timeout, sha256_digest, skopeo_copy, spawn_emulator, tail_lines, Server, Work,
+    assert_no_work, assert_streamed_while_packed, http_get, http_head, http_request, largest_layer,
+    pull_and_run, random_hex, require_moto, require_root, require_tool, required_metric,
+    run_with_timeout, sha256_digest, skopeo_copy, MotoS3, Server, Work, MOTO_AUTHORIZATION,
 };
 
 const BUCKET: &str = "layers";
 const DOCKER_V2S2: &str = "application/vnd.docker.distribution.manifest.v2+json";
 
-/// The moto server command: `$MOTO_SERVER`, `moto_server` on PATH, or `python3
-/// -m moto.server` when moto is importable.
-fn moto_command() -> Option<Command> {
-    if let Some(p) = std::env::var_os("MOTO_SERVER") {
-        return Some(Command::new(p));
-    }
-    if common::which("moto_server").is_some() {
-        return Some(Command::new("moto_server"));
-    }
-    let importable = Command::new("python3")
-        .args(["-c", "import moto.server, flask"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    importable.then(|| {
-        let mut cmd = Command::new("python3");
-        cmd.args(["-m", "moto.server"]);
-        cmd
-    })
-}
+type Moto = MotoS3;
 
-/// True when moto is installed; otherwise skips (a failure under
-/// `NIXERY_REQUIRE_CLIENTS=1`).
-fn require_moto() -> bool {
-    if moto_command().is_some() {
-        return true;
-    }
-    let why = "moto is not installed (pip install \"moto[server]\", or run scripts/install-deps)";
-    if common::clients_required() {
-        panic!("{why} (NIXERY_REQUIRE_CLIENTS=1)");
-    }
-    eprintln!("SKIP: {why}");
-    false
-}
-
-/// A private moto S3 server on 127.0.0.1 holding the bucket `layers`; killed on
-/// `Drop`, its log printed when a test fails.
-struct Moto {
-    child: Option<Child>,
-    port: u16,
-    log_path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let dir = tempfile::Builder::new()
-            .prefix("nixery-moto-")
-            .tempdir()
-            .expect("temp dir");
-        let mut moto = Moto {
-            child: None,
-            port: 0,
-            log_path: dir.path().join("moto.log"),
-            _dir: dir,
-        };
-        // The port is picked, released and then bound by moto; another process
-        // may take it in between, so a failed start is retried.
-        for _ in 0..3 {
-            moto.port = free_port();
-            if moto.spawn() {
-                moto.create_bucket(BUCKET);
-                return moto;
-            }
-        }
-        panic!("moto did not start; log:\n{}", moto.log());
-    }
-
-    /// Spawns on `self.port` and waits up to 30 s for `GET /`.
-    fn spawn(&mut self) -> bool {
-        let mut cmd = moto_command().expect("moto installed (see require_moto)");
-        cmd.args(["-H", "127.0.0.1", "-p", &self.port.to_string()]);
-        self.child = spawn_emulator(
-            "moto",
-            &mut cmd,
-            &self.log_path,
-            &format!("{}/", self.endpoint()),
-            Duration::from_secs(30),
-            Duration::from_millis(100),
-        );
-        self.child.is_some()
-    }
-
-    fn create_bucket(&self, name: &str) {
-        let url = format!("{}/{name}", self.endpoint());
-        let (status, _, body) = http_request(
-            "PUT",
-            &url,
-            &[("Content-Length", "0")],
-            Duration::from_secs(10),
-        )
-        .expect("PUT bucket");
-        assert_eq!(status, 200, "PUT {url}: {}", String::from_utf8_lossy(&body));
-    }
-
-    /// `http://127.0.0.1:PORT`
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    /// Keys in the bucket under `prefix` (ListObjectsV2).
-    fn keys(&self, prefix: &str) -> Vec<String> {
-        let url = format!("{}/{BUCKET}?list-type=2&prefix={prefix}", self.endpoint());
-        let (status, _, body) = http_get(&url, &[]);
-        let text = String::from_utf8_lossy(&body).to_string();
-        assert_eq!(status, 200, "GET {url}: {text}");
-        text.split("<Key>")
-            .skip(1)
-            .filter_map(|s| s.split_once("</Key>").map(|(k, _)| k.to_string()))
-            .collect()
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        if thread::panicking() {
-            eprintln!(
-                "===== moto log (last 30 lines) =====\n{}",
-                tail_lines(&self.log(), 30)
-            );
-        }
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// The environment of a server on moto's `layers` bucket, with dummy credentials.
-fn s3_env(moto: &Moto) -> Vec<(&'static str, String)> {
-    vec![
-        ("NIXERY_STORAGE_BACKEND", "s3".into()),
-        ("S3_BUCKET", BUCKET.into()),
-        ("NIXERY_STORAGE__ENDPOINT", moto.endpoint()),
-        ("NIXERY_STORAGE__REGION", "us-east-1".into()),
-        ("AWS_ACCESS_KEY_ID", "AKIDNIXERYTEST".into()),
-        ("AWS_SECRET_ACCESS_KEY", "nixery-test-secret".into()),
-        // Nothing of the machine's own AWS setup.
-        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".into()),
-        ("AWS_EC2_METADATA_DISABLED", "true".into()),
-    ]
+/// Keys in the bucket under `prefix`.
+fn keys_under(moto: &Moto, prefix: &str) -> Vec<String> {
+    moto.objects(prefix).into_iter().map(|o| o.key).collect()
 }
 
 /// A server on moto's `layers` bucket; `extra` overrides (e.g. `NIXERY_PKGS_PATH`).
 fn start_server(moto: &Moto, extra: &[(&str, &str)]) -> Server {
-    let base = s3_env(moto);
+    let base = moto.server_env();
     let mut env: Vec<(&str, &str)> = base.iter().map(|(k, v)| (*k, v.as_str())).collect();
     env.extend_from_slice(extra);
     let server = Server::start(&env);
@@ -277,7 +134,7 @@ fn skopeo_pulls_hello_through_presigned_redirects_and_it_runs() {
     if !can_pull_and_run() {
         return;
     }
-    let moto = Moto::start();
+    let moto = Moto::start(BUCKET);
     let server = start_server(&moto, &[]);
     let out = pull_and_run(server.addr(), "hello", &["/bin/hello"]);
     assert_eq!(out.stdout.trim(), "Hello, world!", "{out}");
@@ -299,7 +156,7 @@ fn skopeo_pulls_hello_through_presigned_redirects_and_it_runs() {
         check_blob_redirect(&server, &moto, "hello", d);
     }
     // Blobs and records are in the bucket under their names; nothing in staging.
-    let keys = moto.keys("");
+    let keys = keys_under(&moto, "");
     for d in &blobs {
         let key = format!("blobs/sha256/{}", d.trim_start_matches("sha256:"));
         assert!(keys.contains(&key), "{key} not in {keys:?}");
@@ -308,7 +165,7 @@ fn skopeo_pulls_hello_through_presigned_redirects_and_it_runs() {
         keys.iter().any(|k| k.starts_with("records/images/")),
         "{keys:?}"
     );
-    assert_eq!(moto.keys("staging/"), Vec::<String>::new());
+    assert_eq!(keys_under(&moto, "staging/"), Vec::<String>::new());
 
     // An unknown blob is a registry error, not a redirect.
     let missing = format!("sha256:{}", "0".repeat(64));
@@ -322,7 +179,7 @@ fn a_large_layer_streams_into_the_bucket_while_it_is_packed() {
     if !require_moto() {
         return;
     }
-    let moto = Moto::start();
+    let moto = Moto::start(BUCKET);
     // 1 MiB chunks, 5 MiB parts: the 6 MiB of random data in `noise` make a
     // layer of two parts or more.
     let server = start_server(&moto, &[("NIXERY_STORAGE__UPLOAD_CHUNK_MIB", "1")]);
@@ -337,7 +194,7 @@ fn a_large_layer_streams_into_the_bucket_while_it_is_packed() {
     // left in staging.
     let bytes = check_blob_redirect(&server, &moto, "noise", &digest);
     assert_eq!(bytes.len() as u64, size);
-    assert_eq!(moto.keys("staging/"), Vec::<String>::new());
+    assert_eq!(keys_under(&moto, "staging/"), Vec::<String>::new());
     let moto_log = moto.log();
     assert!(
         moto_log.contains("uploadId=") && moto_log.contains("partNumber="),
@@ -355,7 +212,7 @@ fn two_replicas_on_one_bucket_build_a_new_image_once() {
     if !require_moto() {
         return;
     }
-    let moto = Moto::start();
+    let moto = Moto::start(BUCKET);
     let first = start_server(&moto, &[]);
     let pkgs = first.pkgs_path().display().to_string();
     let second = start_server(&moto, &[("NIXERY_PKGS_PATH", &pkgs)]);
@@ -381,7 +238,7 @@ fn two_replicas_on_one_bucket_build_a_new_image_once() {
     let idle = if a.builds == 1 { &b } else { &a };
     assert_eq!((idle.uploads, idle.bytes_uploaded), (0, 0), "{idle:?}");
     // The lease is released.
-    assert_eq!(moto.keys("leases/"), Vec::<String>::new());
+    assert_eq!(keys_under(&moto, "leases/"), Vec::<String>::new());
 }
 
 #[test]
@@ -389,7 +246,7 @@ fn second_process_and_restart_reuse_the_bucket_without_building_or_uploading() {
     if !require_moto() {
         return;
     }
-    let moto = Moto::start();
+    let moto = Moto::start(BUCKET);
     let mut first = start_server(&moto, &[]);
     let (digest, m) = manifest(&first, "hello");
     let w1 = work(&first);
@@ -434,7 +291,7 @@ fn startup_with_a_missing_bucket_exits_with_one_line_naming_it() {
     if !require_moto() {
         return;
     }
-    let moto = Moto::start();
+    let moto = Moto::start(BUCKET);
     let pkgs = common::fresh_pkgs_copy();
     let bucket = format!("missing-{}", random_hex());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nixery"));
@@ -443,7 +300,7 @@ fn startup_with_a_missing_bucket_exits_with_one_line_naming_it() {
         .env("NIXERY_PKGS_PATH", pkgs.path())
         .env("RUST_LOG", "info")
         .env("NIX_CONFIG", common::NIX_CONFIG);
-    for (k, v) in s3_env(&moto) {
+    for (k, v) in moto.server_env() {
         cmd.env(k, v);
     }
     cmd.env("S3_BUCKET", &bucket);
@@ -476,7 +333,7 @@ fn podman_and_containerd_pull_through_presigned_redirects_and_run() {
     if !ok {
         return;
     }
-    let moto = Moto::start();
+    let moto = Moto::start(BUCKET);
     let server = start_server(&moto, &[]);
     let image = format!("{}/hello:latest", server.addr());
 
@@ -510,24 +367,11 @@ fn podman_and_containerd_pull_through_presigned_redirects_and_run() {
     }
 }
 
-/// Multipart uploads moto holds open in `bucket`.
-fn open_uploads(moto: &Moto, bucket: &str) -> usize {
-    let (_, _, body) = http_get(&format!("{}/{bucket}?uploads", moto.endpoint()), &[]);
+/// Multipart uploads moto holds open in its bucket.
+fn open_uploads(moto: &Moto) -> usize {
+    let url = format!("{}/{}?uploads", moto.endpoint(), moto.bucket());
+    let (_, _, body) = http_get(&url, &[("Authorization", MOTO_AUTHORIZATION)]);
     String::from_utf8_lossy(&body).matches("<UploadId>").count()
-}
-
-/// The keys under `prefix` in `bucket`, and the bytes of one.
-fn bucket_keys(moto: &Moto, bucket: &str, prefix: &str) -> Vec<String> {
-    let (_, _, body) = http_get(
-        &format!("{}/{bucket}?list-type=2&prefix={prefix}", moto.endpoint()),
-        &[],
-    );
-    String::from_utf8_lossy(&body)
-        .split("<Key>")
-        .skip(1)
-        .filter_map(|s| s.split("</Key>").next())
-        .map(str::to_string)
-        .collect()
 }
 
 #[test]
@@ -535,24 +379,15 @@ fn a_server_killed_mid_upload_leaves_no_blob_under_a_digest_name() {
     if !require_moto() {
         return;
     }
-    let moto = Moto::start();
-    // A layer of two 5 MiB parts or more (`noise`), in a new bucket each try,
+    // A layer of two 5 MiB parts or more (`noise`), on a new bucket each try,
     // until a kill lands while a multipart upload is open.
     let mut caught = None;
     for attempt in 0..6 {
-        let bucket = format!("kill{attempt}");
-        moto.create_bucket(&bucket);
-        let extra = [
-            ("S3_BUCKET", bucket.as_str()),
-            ("NIXERY_STORAGE__UPLOAD_CHUNK_MIB", "1"),
-        ];
-        let mut server = Server::start(
-            &s3_env(&moto)
-                .iter()
-                .map(|(k, v)| (*k, v.as_str()))
-                .chain(extra)
-                .collect::<Vec<_>>(),
-        );
+        let moto = Moto::start(&format!("kill{attempt}"));
+        let env = moto.server_env();
+        let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        env.push(("NIXERY_STORAGE__UPLOAD_CHUNK_MIB", "1"));
+        let mut server = Server::start(&env);
         let url = server.url("/v2/noise/manifests/latest");
         // The answer is a broken connection once the server is killed.
         let pending = thread::spawn(move || {
@@ -566,7 +401,7 @@ fn a_server_killed_mid_upload_leaves_no_blob_under_a_digest_name() {
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut open = 0;
         while !pending.is_finished() && Instant::now() < deadline {
-            open = open_uploads(&moto, &bucket);
+            open = open_uploads(&moto);
             if open > 0 {
                 break;
             }
@@ -583,10 +418,10 @@ fn a_server_killed_mid_upload_leaves_no_blob_under_a_digest_name() {
         }
         let _ = pending.join();
         let _ = server.stop();
-        caught = Some((bucket, server));
+        caught = Some((moto, server));
         break;
     }
-    let Some((bucket, dead)) = caught else {
+    let Some((moto, dead)) = caught else {
         panic!("no kill landed while a multipart upload was open in 6 tries");
     };
 
@@ -594,10 +429,10 @@ fn a_server_killed_mid_upload_leaves_no_blob_under_a_digest_name() {
     // the image whole.
     let storage_dir = dead.storage_path().display().to_string();
     let pkgs = dead.pkgs_path().display().to_string();
-    let env: Vec<(&str, String)> = s3_env(&moto)
+    let env: Vec<(&str, String)> = moto
+        .server_env()
         .into_iter()
         .chain([
-            ("S3_BUCKET", bucket.clone()),
             ("NIXERY_STORAGE__UPLOAD_CHUNK_MIB", "1".into()),
             ("STORAGE_PATH", storage_dir),
             ("NIXERY_PKGS_PATH", pkgs),
@@ -618,16 +453,13 @@ fn a_server_killed_mid_upload_leaves_no_blob_under_a_digest_name() {
 
     // Every object the killed process left under a digest name is complete: its
     // bytes have that digest. It wrote no image record.
-    let left = bucket_keys(&moto, &bucket, "blobs/");
+    let left = keys_under(&moto, "blobs/");
     for key in &left {
         let hex = key.strip_prefix("blobs/sha256/").expect("digest name");
         let digest = format!("sha256:{hex}");
         assert_eq!(sha256_digest(&blob_bytes(&digest)), digest, "{key}");
     }
-    assert_eq!(
-        bucket_keys(&moto, &bucket, "records/images/"),
-        Vec::<String>::new()
-    );
+    assert_eq!(keys_under(&moto, "records/images/"), Vec::<String>::new());
     eprintln!(
         "killed with an upload open: {} complete blobs left",
         left.len()
@@ -644,8 +476,5 @@ fn a_server_killed_mid_upload_leaves_no_blob_under_a_digest_name() {
     for d in blob_digests(&m) {
         assert_eq!(sha256_digest(&blob_bytes(&d)), d);
     }
-    assert_eq!(
-        bucket_keys(&moto, &bucket, "staging/"),
-        Vec::<String>::new()
-    );
+    assert_eq!(keys_under(&moto, "staging/"), Vec::<String>::new());
 }

@@ -2228,3 +2228,343 @@ pub fn assert_no_work(what: &str, w: &Work) {
         "{what} built or uploaded: {w:?}",
     );
 }
+
+// ---------------------------------------------------------------------------
+// Time stamps of storage objects
+
+/// Seconds since the Unix epoch, now (with the fraction).
+pub fn unix_now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Seconds since the Unix epoch of an RFC 3339 UTC time as buckets write them:
+/// `2026-01-02T03:04:05Z`, `2026-01-02T03:04:05.123456Z` or with `+00:00`. None
+/// for anything else.
+pub fn rfc3339_unix(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let s = s.strip_suffix('Z').or_else(|| s.strip_suffix("+00:00"))?;
+    let (date, time) = s.split_once('T')?;
+    let mut d = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = match time.split_once('.') {
+        Some((hms, frac)) => (hms, format!("0.{frac}").parse::<f64>().ok()?),
+        None => (time, 0.0),
+    };
+    let mut t = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
+    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    Some((days * 86400 + hh * 3600 + mm * 60 + ss) as f64 + frac)
+}
+
+/// GET `url`; a redirect (301, 302, 303, 307, 308) to an `http://` URL is
+/// followed once, as clients follow blob redirects to a bucket. Returns the final
+/// status and body and the redirect's target, if there was one. Err on I/O errors.
+pub fn get_following_redirect(
+    url: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>, Option<String>), String> {
+    let (status, h, body) =
+        http_request("GET", url, headers, timeout).map_err(|e| format!("GET {url}: {e}"))?;
+    if !matches!(status, 301 | 302 | 303 | 307 | 308) {
+        return Ok((status, body, None));
+    }
+    let location = h
+        .get("location")
+        .ok_or_else(|| format!("GET {url}: {status} without Location"))?
+        .to_string();
+    let (status, _, body) = http_request("GET", &location, &[], timeout)
+        .map_err(|e| format!("GET {location} (redirected from {url}): {e}"))?;
+    Ok((status, body, Some(location)))
+}
+
+// ---------------------------------------------------------------------------
+// Objects in fake-gcs-server's buckets (JSON API)
+
+/// `/` and other reserved characters of an object name percent-encoded, for a
+/// JSON API path segment.
+pub fn gcs_object_segment(name: &str) -> String {
+    query_escape(name)
+}
+
+impl FakeGcs {
+    /// The JSON metadata of object `name` in `bucket` (`customTime`,
+    /// `timeCreated`, `size`, …), or None when the object does not exist.
+    pub fn object(&self, bucket: &str, name: &str) -> Option<serde_json::Value> {
+        let url = format!(
+            "{}/storage/v1/b/{bucket}/o/{}",
+            self.endpoint(),
+            gcs_object_segment(name)
+        );
+        let (status, _, body) = http_get(&url, &[]);
+        match status {
+            200 => Some(serde_json::from_slice(&body).expect("object metadata JSON")),
+            404 => None,
+            _ => panic!("GET {url}: {status} {}", String::from_utf8_lossy(&body)),
+        }
+    }
+
+    /// The bytes of object `name` in `bucket`, or None when it does not exist.
+    pub fn download(&self, bucket: &str, name: &str) -> Option<Vec<u8>> {
+        let url = format!(
+            "{}/storage/v1/b/{bucket}/o/{}?alt=media",
+            self.endpoint(),
+            gcs_object_segment(name)
+        );
+        let (status, _, body) = http_get(&url, &[]);
+        match status {
+            200 => Some(body),
+            404 => None,
+            _ => panic!("GET {url}: {status} {}", String::from_utf8_lossy(&body)),
+        }
+    }
+
+    /// Metadata of every object in `bucket` whose name starts with `prefix`.
+    pub fn list(&self, bucket: &str, prefix: &str) -> Vec<serde_json::Value> {
+        let mut items = Vec::new();
+        let mut page_token: Option<String> = None;
+        loop {
+            let mut url = format!(
+                "{}/storage/v1/b/{bucket}/o?prefix={}",
+                self.endpoint(),
+                query_escape(prefix)
+            );
+            if let Some(t) = &page_token {
+                url.push_str(&format!("&pageToken={}", query_escape(t)));
+            }
+            let (status, _, body) = http_get(&url, &[]);
+            let text = String::from_utf8_lossy(&body);
+            assert_eq!(status, 200, "GET {url}: {text}");
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("object list JSON");
+            items.extend(v["items"].as_array().cloned().unwrap_or_default());
+            match v["nextPageToken"].as_str() {
+                Some(t) if !t.is_empty() => page_token = Some(t.to_string()),
+                _ => return items,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The S3 emulator (moto)
+
+/// The moto server command: `$MOTO_SERVER`, `moto_server` on PATH, or `python3
+/// -m moto.server` when moto is importable.
+pub fn moto_command() -> Option<Command> {
+    if let Some(p) = std::env::var_os("MOTO_SERVER") {
+        return Some(Command::new(p));
+    }
+    if which("moto_server").is_some() {
+        return Some(Command::new("moto_server"));
+    }
+    let importable = Command::new("python3")
+        .args(["-c", "import moto.server, flask"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    importable.then(|| {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "moto.server"]);
+        cmd
+    })
+}
+
+/// True when moto is installed; otherwise skips like [`require_tool`] (a
+/// failure under `NIXERY_REQUIRE_CLIENTS=1`).
+pub fn require_moto() -> bool {
+    if moto_command().is_some() {
+        return true;
+    }
+    let why = "moto is not installed (pip install \"moto[server]\", or run scripts/install-deps)";
+    if clients_required() {
+        panic!("{why} (NIXERY_REQUIRE_CLIENTS=1)");
+    }
+    eprintln!("SKIP: {why}");
+    false
+}
+
+/// A private moto S3 server on 127.0.0.1 (objects in memory) holding one bucket;
+/// killed on `Drop`, its log printed when a test fails. moto checks no
+/// signatures, so its objects can be read and listed with plain GETs.
+pub struct MotoS3 {
+    child: Option<Child>,
+    port: u16,
+    bucket: String,
+    log_path: PathBuf,
+    _dir: TempDir,
+}
+
+/// A SigV4 `Authorization` header of the dummy credentials. moto checks no
+/// signature, but refuses anonymous reads of objects (403).
+pub const MOTO_AUTHORIZATION: &str = "AWS4-HMAC-SHA256 \
+    Credential=AKIDNIXERYTEST/20260101/us-east-1/s3/aws4_request, \
+    SignedHeaders=host, Signature=00";
+
+/// One object of a listing: its key and `LastModified` (Unix seconds).
+#[derive(Clone, Debug)]
+pub struct S3Object {
+    pub key: String,
+    pub last_modified: f64,
+    pub size: u64,
+}
+
+impl MotoS3 {
+    /// Starts moto with the bucket `bucket`. Panics when moto is not installed
+    /// (check [`require_moto`] first).
+    pub fn start(bucket: &str) -> MotoS3 {
+        let dir = tempfile::Builder::new()
+            .prefix("nixery-moto-")
+            .tempdir()
+            .expect("temp dir");
+        let mut moto = MotoS3 {
+            child: None,
+            port: 0,
+            bucket: bucket.to_string(),
+            log_path: dir.path().join("moto.log"),
+            _dir: dir,
+        };
+        // The port is picked, released and then bound by moto; another process
+        // may take it in between, so a failed start is retried.
+        for _ in 0..3 {
+            moto.port = free_port();
+            let mut cmd = moto_command().expect("moto installed (see require_moto)");
+            cmd.args(["-H", "127.0.0.1", "-p", &moto.port.to_string()]);
+            moto.child = spawn_emulator(
+                "moto",
+                &mut cmd,
+                &moto.log_path,
+                &format!("{}/", moto.endpoint()),
+                Duration::from_secs(30),
+                Duration::from_millis(100),
+            );
+            if moto.child.is_some() {
+                let url = format!("{}/{bucket}", moto.endpoint());
+                let (status, _, body) = http_request(
+                    "PUT",
+                    &url,
+                    &[("Content-Length", "0")],
+                    Duration::from_secs(10),
+                )
+                .expect("PUT bucket");
+                assert_eq!(status, 200, "PUT {url}: {}", String::from_utf8_lossy(&body));
+                return moto;
+            }
+        }
+        panic!("moto did not start; log:\n{}", moto.log());
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// The environment of a nixery server on this bucket, with dummy credentials
+    /// and nothing of the machine's own AWS setup.
+    pub fn server_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("NIXERY_STORAGE_BACKEND", "s3".into()),
+            ("S3_BUCKET", self.bucket.clone()),
+            ("NIXERY_STORAGE__ENDPOINT", self.endpoint()),
+            ("NIXERY_STORAGE__REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", "AKIDNIXERYTEST".into()),
+            ("AWS_SECRET_ACCESS_KEY", "nixery-test-secret".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent".into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+        ]
+    }
+
+    /// Every object under `prefix` (ListObjectsV2, all pages).
+    pub fn objects(&self, prefix: &str) -> Vec<S3Object> {
+        let field = |s: &str, tag: &str| -> Option<String> {
+            let open = format!("<{tag}>");
+            let close = format!("</{tag}>");
+            let start = s.find(&open)? + open.len();
+            let end = s[start..].find(&close)? + start;
+            Some(s[start..end].to_string())
+        };
+        let mut found = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut url = format!(
+                "{}/{}?list-type=2&prefix={}",
+                self.endpoint(),
+                self.bucket,
+                query_escape(prefix)
+            );
+            if let Some(t) = &token {
+                url.push_str(&format!("&continuation-token={}", query_escape(t)));
+            }
+            let (status, _, body) = http_get(&url, &[("Authorization", MOTO_AUTHORIZATION)]);
+            let text = String::from_utf8_lossy(&body).to_string();
+            assert_eq!(status, 200, "GET {url}: {text}");
+            for part in text.split("<Contents>").skip(1) {
+                let part = part.split("</Contents>").next().unwrap_or("");
+                let key = field(part, "Key").expect("Key in Contents");
+                let last_modified = field(part, "LastModified")
+                    .and_then(|t| rfc3339_unix(&t))
+                    .unwrap_or_else(|| panic!("no LastModified for {key}: {part}"));
+                let size = field(part, "Size")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                found.push(S3Object {
+                    key,
+                    last_modified,
+                    size,
+                });
+            }
+            let truncated = field(&text, "IsTruncated").is_some_and(|t| t == "true");
+            match field(&text, "NextContinuationToken") {
+                Some(t) if truncated => token = Some(t),
+                _ => return found,
+            }
+        }
+    }
+
+    /// The bytes of object `key`, or None when it does not exist.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let url = format!("{}/{}/{key}", self.endpoint(), self.bucket);
+        let (status, _, body) = http_get(&url, &[("Authorization", MOTO_AUTHORIZATION)]);
+        match status {
+            200 => Some(body),
+            404 => None,
+            _ => panic!("GET {url}: {status} {}", String::from_utf8_lossy(&body)),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for MotoS3 {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            eprintln!(
+                "===== moto log (last 30 lines) =====\n{}",
+                tail_lines(&self.log(), 30)
+            );
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
