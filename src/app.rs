@@ -14,7 +14,7 @@ use crate::http::{self, AppState};
 use crate::layers::{LayerParams, Popularity};
 use crate::limits::Limits;
 use crate::nix::{self, NixOptions};
-use crate::pipeline::{BuildContext, ImageSettings};
+use crate::pipeline::{BuildContext, ImageSettings, NixPools};
 use crate::signing::ServiceAccountKey;
 use crate::source::Sources;
 use crate::state::SharedState;
@@ -119,7 +119,16 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     };
     // The collector's own worker, started only where builds can be rooted.
     let gc_worker = worker.clone();
-    let nix_workers = SyncArbiter::start(workers, move || worker.clone());
+    // Evaluations, realisations and packing each get `workers` threads of their own
+    // (see NixPools): at most 2 × workers Nix processes run at once.
+    let nix_pools = {
+        let (e, r, p) = (worker.clone(), worker.clone(), worker);
+        NixPools {
+            evaluate: SyncArbiter::start(workers, move || e.clone()),
+            realise: SyncArbiter::start(workers, move || r.clone()),
+            pack: SyncArbiter::start(workers, move || p.clone()),
+        }
+    };
     let roots = match nix::gc::GcRoots::open(Path::new(&settings.nix.gc_roots_dir)) {
         Ok(roots) => Some(roots),
         Err(e) => {
@@ -152,7 +161,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         lease_ttl: Duration::from_secs(settings.nix.timeout_secs + 300),
     };
     let mut context = BuildContext::new(
-        Arc::new(nix_workers),
+        Arc::new(nix_pools),
         uploader,
         storage.clone(),
         image_settings,

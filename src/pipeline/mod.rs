@@ -56,7 +56,37 @@ pub trait NixRunner: Send + Sync + 'static {
     fn pack(&self, job: Pack) -> BoxFuture<'static, Result<PackedLayer, BuildError>>;
 }
 
-/// The NixWorker pool: each job waits for a free worker.
+/// Nix's work in three queues of workers, so that no job waits behind another kind:
+/// a realised image's layers are packed, and a new request is evaluated, while
+/// other images' realisations queue for their workers. An image whose outputs are
+/// already in the store is not a realisation to wait for either: it only queries
+/// its closure, which the evaluation workers do.
+pub struct NixPools {
+    pub evaluate: Addr<NixWorker>,
+    pub realise: Addr<NixWorker>,
+    pub pack: Addr<NixWorker>,
+}
+
+impl NixRunner for NixPools {
+    fn evaluate(&self, job: Evaluate) -> BoxFuture<'static, Result<Evaluation, BuildError>> {
+        self.evaluate.evaluate(job)
+    }
+
+    fn realise(&self, job: Realise) -> BoxFuture<'static, Result<Vec<StorePathInfo>, BuildError>> {
+        let outputs = job.evaluation.output_paths();
+        if outputs.iter().all(|p| std::path::Path::new(p).exists()) {
+            self.evaluate.realise(job)
+        } else {
+            self.realise.realise(job)
+        }
+    }
+
+    fn pack(&self, job: Pack) -> BoxFuture<'static, Result<PackedLayer, BuildError>> {
+        self.pack.pack(job)
+    }
+}
+
+/// One NixWorker pool: each job waits for a free worker.
 impl NixRunner for Addr<NixWorker> {
     fn evaluate(&self, job: Evaluate) -> BoxFuture<'static, Result<Evaluation, BuildError>> {
         let sent = self.send(job);

@@ -1,0 +1,71 @@
+//! No convoy: an image whose store paths are already in the Nix store is evaluated,
+//! packed and answered while another image's long Nix build holds the only build
+//! worker. (Evaluations, realisations and packing have queues of their own, and an
+//! image whose outputs are valid needs no realisation slot.)
+
+mod common;
+
+use common::*;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const DOCKER: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+fn get(server: &Server, name: &str) -> (u16, String) {
+    let url = server.url(&format!("/v2/{name}/manifests/latest"));
+    let (status, _, body) =
+        http_request("GET", &url, &[("Accept", DOCKER)], Duration::from_secs(180))
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[test]
+fn an_image_already_in_the_store_does_not_wait_for_another_images_build() {
+    // One worker per queue: before the queues were separate, the new image's
+    // evaluation waited behind `slow`'s 30 s realisation.
+    let server = Server::start(&[("NIXERY_NIX__WORKERS", "1")]);
+    // cowsay and hello are in the store, but no image of them has been made.
+    nix_build(server.pkgs_path(), &["cowsay", "hello"]);
+
+    let slow = {
+        let url = server.url("/v2/slow/manifests/latest");
+        thread::spawn(move || {
+            let started = Instant::now();
+            let answer = http_request("GET", &url, &[("Accept", DOCKER)], Duration::from_secs(300));
+            (answer.map(|a| a.0), started.elapsed())
+        })
+    };
+    // Wait until `slow` holds the build worker: its builder is sleeping.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, _, body) = http_get(&server.url("/builds"), &[]);
+        let page = String::from_utf8_lossy(&body).into_owned();
+        if page.contains("\"slow\"") && page.contains("building") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slow never started building: {page}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+
+    let (status, body) = get(&server, "cowsay/hello");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !slow.is_finished(),
+        "cowsay/hello was answered only after slow's build had ended"
+    );
+    // It was packed now, not found: a real image of its own.
+    let log = server.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("build cowsay/hello [") && l.contains("compressing and uploading")),
+        "{}",
+        tail_lines(&log, 30)
+    );
+
+    let (status, took) = slow.join().expect("slow thread");
+    assert_eq!(status.expect("slow answered"), 200);
+    eprintln!("slow took {took:?}; cowsay/hello was answered while it built");
+}
