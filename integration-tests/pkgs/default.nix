@@ -28,6 +28,7 @@
 #              absolute path) or from env NIXERY_TEST_BIG_SOURCE. When none is
 #              set, `bigpkg` is a tiny package.
 #   slowSeconds how long `slow` sleeps while building (default 30).
+#   graphSeconds how long each `graph.gN` sleeps while building (default 0.5).
 #   config     nixpkgs' config: allowUnfree, allowUnfreePredicate,
 #              permittedInsecurePackages, allowBroken, allowUnsupportedSystem.
 #              When not given: the file named by env NIXPKGS_CONFIG, else
@@ -45,6 +46,7 @@
 , salt ? ""
 , bigSource ? null
 , slowSeconds ? 30
+, graphSeconds ? "0.5"
 , config ? null
 , overlays ? null
 , ...
@@ -345,8 +347,30 @@ let
     echo "$border"
   '';
 
+  # 40 packages in a dependency graph, for many new images at once over a
+  # shared base (scripts/bench): g0..g9 form a chain, every later gN needs
+  # g(N-10) and g(N mod 10). Each build sleeps graphSeconds, and each output
+  # names its dependencies, so they are in its closure.
+  graph = builtins.listToAttrs (builtins.genList
+    (i: {
+      name = "g${toString i}";
+      value = scriptsPkg {
+        name = "g${toString i}-1.0";
+        scripts."g${toString i}" = ''echo g${toString i}'';
+        deps = map (j: graph."g${toString j}")
+          (if i == 0 then [ ] else if i < 10 then [ (i - 1) ]
+          else [ (i - 10) (i - (i / 10) * 10) ]);
+        extraScript = ''
+          sleep ${graphSeconds}
+          mkdir -p $out/share
+          echo "$deps" > $out/share/deps
+        '';
+      };
+    })
+    40);
+
   set = {
-    inherit busybox libshared;
+    inherit busybox libshared graph;
 
     # Helpers in the spirit of nixpkgs, built from busybox only.
     runCommand = name: env: script: mkPkg (env // { inherit name script; });
