@@ -21,8 +21,8 @@ use serde_json::Value;
 use common::{
     basic_auth, bearer_auth, chroot, cimage_command, fetch_token, http_request, podman_command,
     random_hex, require_root, require_tool, run_fail, run_ok, served_certificate, server_get,
-    sha256_digest, tls_connect, AuthFiles, CmdOutput, Containerd, Dockerd, Server, ServerCert,
-    TestCa,
+    sha256_digest, tls_connect, umoci_unpack, AuthFiles, CmdOutput, Containerd, Dockerd, Server,
+    ServerCert, TestCa,
 };
 
 const ALICE: (&str, &str) = ("alice", "alice-Pw-7f3k");
@@ -355,14 +355,8 @@ fn skopeo_copies_over_tls_with_a_cert_dir() {
     let out = run_fail(&mut copy(None));
     assert_mentions(&out, UNKNOWN_CA, "skopeo without the CA");
     run_ok(&mut copy(Some(&ca.cert_dir())));
-    let bundle = work.path().join("bundle");
-    run_ok(Command::new("umoci").args([
-        "unpack",
-        "--image",
-        &format!("{}:latest", layout.display()),
-        &bundle.display().to_string(),
-    ]));
-    let out = run_ok(&mut chroot(&bundle.join("rootfs"), &["/bin/hello"]));
+    let rootfs = umoci_unpack(&layout, &work.path().join("bundle"));
+    let out = run_ok(&mut chroot(&rootfs, &["/bin/hello"]));
     assert_eq!(out.stdout.trim(), "Hello, world!", "{out}");
 }
 

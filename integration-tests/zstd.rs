@@ -262,14 +262,8 @@ fn podman_skopeo_and_containerd_pull_zstd_hello_and_it_runs() {
         &format!("docker://{image}"),
         &format!("oci:{}:latest", layout.display()),
     ]));
-    let bundle = work.path().join("bundle");
-    run_ok(std::process::Command::new("umoci").args([
-        "unpack",
-        "--image",
-        &format!("{}:latest", layout.display()),
-        &bundle.display().to_string(),
-    ]));
-    let out = run_ok(&mut chroot(&bundle.join("rootfs"), &["/bin/hello"]));
+    let rootfs = umoci_unpack(&layout, &work.path().join("bundle"));
+    let out = run_ok(&mut chroot(&rootfs, &["/bin/hello"]));
     assert_eq!(out.stdout.trim(), "Hello, world!", "{out}");
 
     let ctrd = Containerd::start();

@@ -385,8 +385,12 @@ pub fn skopeo_copy(addr: &str, name: &str, layout: &Path) {
 /// the image's root file system.
 pub fn skopeo_unpack(addr: &str, name: &str, work: &Path) -> PathBuf {
     let layout = work.join("layout");
-    let bundle = work.join("bundle");
     skopeo_copy(addr, name, &layout);
+    umoci_unpack(&layout, &work.join("bundle"))
+}
+
+/// `umoci unpack` of LAYOUT:latest into BUNDLE; returns the root file system.
+pub fn umoci_unpack(layout: &Path, bundle: &Path) -> PathBuf {
     run_ok(Command::new("umoci").args([
         "unpack",
         "--image",

@@ -260,7 +260,7 @@ impl GcsStorage {
             held_leases: Default::default(),
         };
         storage.check_bucket(&endpoint, deadline).await?;
-        storage.sweep_staging().await;
+        storage.sweep_leftovers().await;
         log::info!(
             "storage: gcs bucket {} at {endpoint}, layers streamed in {} MiB chunks",
             storage.bucket,
@@ -623,28 +623,6 @@ impl GcsStorage {
         });
     }
 
-    /// Removes staging objects left by processes that died between upload and
-    /// copy: those of dead processes on this host, and any older than
-    /// [`staging::MAX_AGE`]. Best effort: leftovers cost only space.
-    async fn sweep_staging(&self) {
-        let now = super::unix_now();
-        let listed = match self.list_objects(staging::PREFIX).await {
-            Ok(listed) => listed,
-            Err(e) => {
-                log::warn!("{e}; leftovers stay for now");
-                return;
-            }
-        };
-        for o in listed {
-            if staging::is_leftover(&o.name, now.saturating_sub(o.used) as i64) {
-                log::info!("removing leftover {}", o.name);
-                if let Err(e) = self.delete_object(&o.name).await {
-                    log::warn!("{e}");
-                }
-            }
-        }
-    }
-
     /// Every object whose name starts with `prefix`, page after page.
     pub async fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         let mut all = Vec::new();
@@ -922,6 +900,14 @@ fn object_info(o: &Object) -> ObjectInfo {
 }
 
 impl StagingBucket for GcsStorage {
+    async fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        self.list_objects(prefix).await
+    }
+
+    async fn delete_object(&self, object: &str) -> Result<(), StorageError> {
+        self.delete_object(object).await
+    }
+
     async fn put_whole(
         &self,
         digest: &Digest,

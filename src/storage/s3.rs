@@ -203,7 +203,7 @@ impl S3Storage {
         let env: HashMap<String, String> = std::env::vars().collect();
         let storage = Self::build(settings, AmazonS3Builder::from_env(), &env)?;
         storage.check_bucket().await?;
-        storage.sweep_staging().await;
+        storage.sweep_leftovers().await;
         log::info!(
             "storage: s3 bucket {} at {}, layers streamed in {} MiB parts",
             storage.bucket,
@@ -476,30 +476,6 @@ impl S3Storage {
         })
     }
 
-    /// Removes staging objects left by processes that died between upload and
-    /// copy: those of dead processes on this host, and any older than
-    /// [`staging::MAX_AGE`]. Best effort: leftovers cost only space. (Parts of
-    /// multipart uploads a dead process never completed are not objects; a bucket
-    /// lifecycle rule, AbortIncompleteMultipartUpload, removes them.)
-    async fn sweep_staging(&self) {
-        let listed = match self.list_objects(staging::PREFIX).await {
-            Ok(l) => l,
-            Err(e) => {
-                log::warn!("{e}; leftovers stay for now");
-                return;
-            }
-        };
-        let now = super::unix_now();
-        for o in listed {
-            if staging::is_leftover(&o.name, now.saturating_sub(o.used) as i64) {
-                log::info!("removing leftover {}", o.name);
-                if let Err(e) = self.delete_object(&o.name).await {
-                    log::warn!("{e}");
-                }
-            }
-        }
-    }
-
     /// Every object whose name starts with `prefix`; S3 lists page after page.
     pub async fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         // object_store lists by whole path segments: the prefix's directory, then
@@ -623,6 +599,14 @@ fn object_info(meta: &object_store::ObjectMeta) -> ObjectInfo {
 }
 
 impl StagingBucket for S3Storage {
+    async fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        self.list_objects(prefix).await
+    }
+
+    async fn delete_object(&self, object: &str) -> Result<(), StorageError> {
+        self.delete_object(object).await
+    }
+
     async fn put_whole(
         &self,
         digest: &Digest,
@@ -1011,7 +995,7 @@ aws_access_key_id = only
                 .await
                 .unwrap();
         }
-        s.sweep_staging().await;
+        s.sweep_leftovers().await;
         assert_eq!(s.read_object(&dead).await.unwrap(), None);
         assert!(s.read_object(&live).await.unwrap().is_some());
 

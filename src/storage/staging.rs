@@ -7,7 +7,7 @@
 //! published is the backend's own.
 
 use super::stream::{BlobReceiver, Piece};
-use super::{Put, StorageError};
+use super::{ObjectInfo, Put, StorageError};
 use crate::reference::Digest;
 use bytes::Bytes;
 use std::time::Duration;
@@ -65,6 +65,32 @@ pub(super) trait StagingBucket {
     /// Removes what a failed upload left at `staging`, best effort: the next
     /// start-up sweeps what is left.
     async fn discard_staged(&self, staging: &str);
+
+    async fn list_objects(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError>;
+
+    async fn delete_object(&self, object: &str) -> Result<(), StorageError>;
+
+    /// Removes staging objects left by processes that died between upload and
+    /// publication: those of dead processes on this host, and any older than
+    /// [`MAX_AGE`]. Best effort: leftovers cost only space.
+    async fn sweep_leftovers(&self) {
+        let listed = match self.list_objects(PREFIX).await {
+            Ok(listed) => listed,
+            Err(e) => {
+                log::warn!("{e}; leftovers stay for now");
+                return;
+            }
+        };
+        let now = super::unix_now();
+        for o in listed {
+            if is_leftover(&o.name, now.saturating_sub(o.used) as i64) {
+                log::info!("removing leftover {}", o.name);
+                if let Err(e) = self.delete_object(&o.name).await {
+                    log::warn!("{e}");
+                }
+            }
+        }
+    }
 }
 
 /// Stores a blob that arrives in chunks while it is being packed: a blob that ends
