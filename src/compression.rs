@@ -47,6 +47,22 @@ impl Compression {
     }
 }
 
+/// Whether a client cannot unpack zstd layers: it accepts Docker manifest types
+/// only (zstd layers go only into OCI manifests), or it is docker before 23, which
+/// accepts OCI manifests but fails after the download with `archive/tar: invalid
+/// tar header`. `accepted` is what [`crate::manifest::accepted_types`] read.
+pub fn client_lacks_zstd(accepted: &[String], user_agent: &str) -> bool {
+    use crate::manifest::{OCI_INDEX, OCI_MANIFEST};
+    let names_manifests = accepted.iter().any(|t| t.starts_with("application/vnd."));
+    let reads_oci = accepted.iter().any(|t| t == OCI_MANIFEST || t == OCI_INDEX);
+    let old_docker = user_agent
+        .strip_prefix("docker/")
+        .and_then(|v| v.split('.').next())
+        .and_then(|major| major.parse::<u32>().ok())
+        .is_some_and(|major| major < 23);
+    (names_manifests && !reads_oci) || old_docker
+}
+
 /// A compression with its level: what a layer's bytes depend on besides its files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Codec {
@@ -199,6 +215,30 @@ mod tests {
         let mut back = Vec::new();
         io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&one[..]), &mut back).unwrap();
         assert!(back == data);
+    }
+
+    #[test]
+    fn clients_without_zstd_are_recognised() {
+        let types = |s: &str| crate::manifest::accepted_types([s]);
+        let docker = "application/vnd.docker.distribution.manifest.v2+json";
+        let oci = "application/vnd.oci.image.manifest.v1+json";
+        let both = format!("{docker}, {oci}");
+        // Docker types only: the OCI-only manifest cannot be served.
+        assert!(client_lacks_zstd(&types(docker), "skopeo/1.9"));
+        // docker 20.10 reads OCI manifests, but not zstd layers.
+        assert!(client_lacks_zstd(
+            &types(&both),
+            "docker/20.10.24+dfsg1 go/go1.19.8"
+        ));
+        assert!(!client_lacks_zstd(
+            &types(&both),
+            "docker/24.0.7 go/go1.20.10"
+        ));
+        assert!(!client_lacks_zstd(&types(&both), "containerd/1.6.20"));
+        assert!(!client_lacks_zstd(&types(oci), ""));
+        // Naming no manifest type at all (curl) is not a refusal.
+        assert!(!client_lacks_zstd(&types("*/*"), "curl/7.88.1"));
+        assert!(!client_lacks_zstd(&[], ""));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::actors::signer::{BlobAccess, LocateBlob, SignerActor};
 use crate::auth::{self, Auth, Caller, Credentials, Denied};
 use crate::blob_gc::{self, Retention};
 use crate::built::BuiltImage;
-use crate::compression::Compression;
+use crate::compression::{self, Compression};
 use crate::config::Limits;
 use crate::error::RegistryError;
 use crate::image::{Arch, ImageRequest};
@@ -416,10 +416,11 @@ async fn serve(
             name,
             reference: Reference::Tag(tag),
         } => {
-            let request = ImageRequest::from_name(&name, state.limits.max_packages)?
-                .with_default_compression(state.compression);
+            let named = ImageRequest::from_name(&name, state.limits.max_packages)?;
+            let asked_zstd = named.compression.is_some();
+            let request = named.with_default_compression(state.compression);
             if request.compression() == Compression::Zstd {
-                zstd_client(req, &name)?;
+                zstd_client(req, &name, asked_zstd)?;
             }
             let source = state.sources.resolve(&tag).await?;
             let accept = || {
@@ -494,54 +495,39 @@ async fn serve(
 }
 
 /// Refuses a zstd image to a client that cannot unpack it, before anything is
-/// built: one that accepts Docker manifests only, or docker before 23, which
-/// accepts OCI manifests but cannot decompress zstd layers (it fails after the
-/// download with `archive/tar: invalid tar header`).
-fn zstd_client(req: &HttpRequest, name: &str) -> Result<(), RegistryError> {
-    let accepted: Vec<String> = req
-        .headers()
-        .get_all(header::ACCEPT)
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|line| line.split(','))
-        .map(|item| {
-            item.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .filter(|t| !t.is_empty())
-        .collect();
-    let names_manifests = accepted.iter().any(|t| t.starts_with("application/vnd."));
-    let oci = accepted
-        .iter()
-        .any(|t| t == manifest::OCI_MANIFEST || t == manifest::OCI_INDEX);
+/// built. `asked` is whether the name asked for zstd, rather than the server's
+/// default.
+fn zstd_client(req: &HttpRequest, name: &str, asked: bool) -> Result<(), RegistryError> {
+    let accepted = manifest::accepted_types(
+        req.headers()
+            .get_all(header::ACCEPT)
+            .filter_map(|v| v.to_str().ok()),
+    );
     let agent = req
         .headers()
         .get(header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let old_docker = agent
-        .strip_prefix("docker/")
-        .and_then(|v| v.split('.').next())
-        .and_then(|major| major.parse::<u32>().ok())
-        .is_some_and(|major| major < 23);
-    if (names_manifests && !oci) || old_docker {
-        let plain = name
-            .split('/')
-            .filter(|c| *c != "zstd")
-            .collect::<Vec<_>>()
-            .join("/");
-        return Err(RegistryError::new(
-            StatusCode::BAD_REQUEST,
-            "UNSUPPORTED",
-            format!(
-                "{name} has zstd layers, which this client cannot unpack; pull it with docker 23 \
-                 or later, containerd, podman or skopeo, or pull {plain} (gzip) instead"
-            ),
-        ));
+    if !compression::client_lacks_zstd(&accepted, agent) {
+        return Ok(());
     }
-    Ok(())
+    let instead = if asked {
+        let mut components = name.split('/').collect::<Vec<_>>();
+        if let Some(i) = components.iter().position(|c| *c == "zstd") {
+            components.remove(i);
+        }
+        format!(", or pull {} (gzip) instead", components.join("/"))
+    } else {
+        " (this registry compresses every layer with zstd)".to_string()
+    };
+    Err(RegistryError::new(
+        StatusCode::BAD_REQUEST,
+        "UNSUPPORTED",
+        format!(
+            "{name} has zstd layers, which this client cannot unpack; pull it with docker 23 \
+             or later, containerd, podman or skopeo{instead}"
+        ),
+    ))
 }
 
 /// The image for a tag request: cached, or from the coordinator.

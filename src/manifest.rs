@@ -49,13 +49,7 @@ impl ManifestFormat {
     /// Docker-speaking client reads it), else the OCI index. None when no index type
     /// is named: such a client gets a single platform's manifest.
     pub fn negotiate_index<'a>(accept_lines: impl IntoIterator<Item = &'a str>) -> Option<Self> {
-        let mut named = Vec::new();
-        for line in accept_lines {
-            for item in line.split(',') {
-                let media = item.split(';').next().unwrap_or("").trim();
-                named.push(media.to_ascii_lowercase());
-            }
-        }
+        let named = accepted_types(accept_lines);
         let has = |t: &str| named.iter().any(|n| n == t);
         if has(DOCKER_MANIFEST_LIST) && has(DOCKER_MANIFEST) {
             Some(ManifestFormat::Docker)
@@ -71,24 +65,32 @@ impl ManifestFormat {
     /// accepted because every client reads it; OCI when only OCI is named; Docker
     /// schema 2 again when nothing we make is named, as the most widely understood.
     pub fn negotiate<'a>(accept_lines: impl IntoIterator<Item = &'a str>) -> Self {
-        let mut oci = false;
-        for line in accept_lines {
-            for item in line.split(',') {
-                let media = item.split(';').next().unwrap_or("").trim();
-                if media.eq_ignore_ascii_case(DOCKER_MANIFEST) {
-                    return ManifestFormat::Docker;
-                }
-                if media.eq_ignore_ascii_case(OCI_MANIFEST) {
-                    oci = true;
-                }
-            }
-        }
-        if oci {
+        let named = accepted_types(accept_lines);
+        if named.iter().any(|t| t == DOCKER_MANIFEST) {
+            ManifestFormat::Docker
+        } else if named.iter().any(|t| t == OCI_MANIFEST) {
             ManifestFormat::Oci
         } else {
             ManifestFormat::Docker
         }
     }
+}
+
+/// The media types a request's `Accept` lines name (clients send several lines, or
+/// one comma-joined line), lower case and without parameters.
+pub fn accepted_types<'a>(accept_lines: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    accept_lines
+        .into_iter()
+        .flat_map(|line| line.split(','))
+        .map(|item| {
+            item.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .filter(|t| !t.is_empty())
+        .collect()
 }
 
 /// One layer as the manifest and the config see it.
