@@ -119,14 +119,15 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     };
     // The collector's own worker, started only where builds can be rooted.
     let gc_worker = worker.clone();
-    // Evaluations, realisations and packing each get `workers` threads of their own
-    // (see NixPools): at most 2 × workers Nix processes run at once.
+    // Evaluations, realisations and packing each get workers of their own (see
+    // NixPools): at most `workers` Nix builds and one evaluation per CPU run at once.
     let nix_pools = {
         let (e, r, p) = (worker.clone(), worker.clone(), worker);
+        let cpus = settings.cpu_workers();
         NixPools {
-            evaluate: SyncArbiter::start(workers, move || e.clone()),
+            evaluate: SyncArbiter::start(cpus, move || e.clone()),
             realise: SyncArbiter::start(workers, move || r.clone()),
-            pack: SyncArbiter::start(workers, move || p.clone()),
+            pack: SyncArbiter::start(cpus, move || p.clone()),
         }
     };
     let roots = match nix::gc::GcRoots::open(Path::new(&settings.nix.gc_roots_dir)) {

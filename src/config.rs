@@ -379,15 +379,27 @@ impl Settings {
     }
 
     /// Nix worker count, with 0 meaning one per CPU.
+    /// Nix builds (realisations) at once: `nix.workers`, or one per CPU. (More
+    /// do not help images that share paths: a Nix process waiting for another's
+    /// lock on a path looks again only every 5 seconds.)
     pub fn nix_workers(&self) -> usize {
         if self.nix.workers == 0 {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
+            cpus()
         } else {
             self.nix.workers
         }
     }
+
+    /// Evaluations, and layers packed, at once: one per CPU, as both use one.
+    pub fn cpu_workers(&self) -> usize {
+        cpus()
+    }
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 #[cfg(test)]

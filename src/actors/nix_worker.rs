@@ -13,6 +13,7 @@ use crate::reference::Digest;
 use crate::storage::stream::BlobSender;
 use actix::prelude::*;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Resolve the packages of an image to derivations and output paths.
@@ -30,13 +31,14 @@ pub struct Evaluate {
 /// Build (or substitute) the evaluated packages and read their runtime closure.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<StorePathInfo>, BuildError>")]
+#[derive(Clone)]
 pub struct Realise {
     /// The image and build key, for the server log.
     pub label: String,
     pub system: &'static str,
     pub evaluation: Evaluation,
     /// Told "building N of M derivations" as Nix goes.
-    pub progress: Box<dyn Fn(String) + Send>,
+    pub progress: Arc<dyn Fn(String) + Send + Sync>,
 }
 
 /// Run Nix's garbage collector, freeing up to `max_freed` bytes (all it can when

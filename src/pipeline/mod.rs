@@ -74,11 +74,29 @@ impl NixRunner for NixPools {
 
     fn realise(&self, job: Realise) -> BoxFuture<'static, Result<Vec<StorePathInfo>, BuildError>> {
         let outputs = job.evaluation.output_paths();
-        if outputs.iter().all(|p| std::path::Path::new(p).exists()) {
-            self.evaluate.realise(job)
-        } else {
-            self.realise.realise(job)
+        let present = move || outputs.iter().all(|p| std::path::Path::new(p).exists());
+        if present() {
+            return self.evaluate.realise(job);
         }
+        // While it waits for a build worker, other images' builds may make its
+        // outputs; then it leaves the queue for an evaluation worker, where
+        // `nix-store --realise` finds them (or waits on Nix's lock for one still
+        // being written). The place it leaves in the queue costs a no-op later.
+        let queued = self.realise.realise(job.clone());
+        let evaluate = self.evaluate.clone();
+        Box::pin(async move {
+            tokio::pin!(queued);
+            loop {
+                tokio::select! {
+                    done = &mut queued => return done,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                        if present() {
+                            return evaluate.realise(job).await;
+                        }
+                    }
+                }
+            }
+        })
     }
 
     fn pack(&self, job: Pack) -> BoxFuture<'static, Result<PackedLayer, BuildError>> {
@@ -433,7 +451,7 @@ async fn realise(
             label: job.label(),
             system: job.arch.nix_system(),
             evaluation: evaluation.clone(),
-            progress: Box::new(move |phase| shared.update(&key, |p| p.phase = phase)),
+            progress: Arc::new(move |phase| shared.update(&key, |p| p.phase = phase)),
         })
         .await
 }
