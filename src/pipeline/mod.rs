@@ -74,14 +74,14 @@ impl NixRunner for NixPools {
 
     fn realise(&self, job: Realise) -> BoxFuture<'static, Result<Vec<StorePathInfo>, BuildError>> {
         let outputs = job.evaluation.output_paths();
-        let present = move || outputs.iter().all(|p| std::path::Path::new(p).exists());
+        let present = move || outputs.iter().all(|p| built(p));
         if present() {
             return self.evaluate.realise(job);
         }
         // While it waits for a build worker, other images' builds may make its
         // outputs; then it leaves the queue for an evaluation worker, where
-        // `nix-store --realise` finds them (or waits on Nix's lock for one still
-        // being written). The place it leaves in the queue costs a no-op later.
+        // `nix-store --realise` finds them. The place it leaves in the queue costs
+        // a no-op later.
         let queued = self.realise.realise(job.clone());
         let evaluate = self.evaluate.clone();
         Box::pin(async move {
@@ -102,6 +102,14 @@ impl NixRunner for NixPools {
     fn pack(&self, job: Pack) -> BoxFuture<'static, Result<PackedLayer, BuildError>> {
         self.pack.pack(job)
     }
+}
+
+/// Whether a store path is built: it exists and no build holds its lock. Without
+/// a sandbox a builder writes the path in place, so existence alone is not enough;
+/// Nix removes the lock file once the path is registered (one that failed leaves a
+/// lock without the path).
+fn built(path: &str) -> bool {
+    std::path::Path::new(path).exists() && !std::path::Path::new(&format!("{path}.lock")).exists()
 }
 
 /// One NixWorker pool: each job waits for a free worker.
