@@ -13,6 +13,7 @@ use crate::reference::Digest;
 use crate::storage::stream::BlobSender;
 use actix::prelude::*;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,35 @@ pub struct Realise {
     pub evaluation: Evaluation,
     /// Told "building N of M derivations" as Nix goes.
     pub progress: Arc<dyn Fn(String) + Send + Sync>,
+    /// Who takes this job: the worker that starts it, or the caller that stopped
+    /// waiting for it in the queue.
+    pub claim: Claim,
+}
+
+/// A queued job is taken once: by the worker that starts it, or by its caller
+/// leaving the queue; whichever comes first.
+#[derive(Clone, Default)]
+pub struct Claim(Arc<AtomicU8>);
+
+impl Claim {
+    const WORKER: u8 = 1;
+    const CALLER: u8 = 2;
+
+    /// True when the worker may run the job.
+    pub fn by_worker(&self) -> bool {
+        self.take(Self::WORKER)
+    }
+
+    /// True when the caller may stop waiting: no worker has started the job.
+    pub fn by_caller(&self) -> bool {
+        self.take(Self::CALLER)
+    }
+
+    fn take(&self, who: u8) -> bool {
+        self.0
+            .compare_exchange(0, who, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
 }
 
 /// Run Nix's garbage collector, freeing up to `max_freed` bytes (all it can when
@@ -227,6 +257,10 @@ impl Handler<Realise> for NixWorker {
     type Result = Result<Vec<StorePathInfo>, BuildError>;
 
     fn handle(&mut self, msg: Realise, _: &mut Self::Context) -> Self::Result {
+        if !msg.claim.by_worker() {
+            // Its caller went elsewhere; nobody reads this answer.
+            return Ok(Vec::new());
+        }
         let outputs = msg.evaluation.output_paths();
         if outputs.is_empty() {
             return Ok(Vec::new());

@@ -20,7 +20,9 @@ mod tests;
 
 pub use records::{image_in_storage, load_referrers, record_blobs};
 
-use crate::actors::nix_worker::{Evaluate, LayerContents, NixWorker, Pack, PackedLayer, Realise};
+use crate::actors::nix_worker::{
+    Claim, Evaluate, LayerContents, NixWorker, Pack, PackedLayer, Realise,
+};
 use crate::actors::upload::UploadActor;
 use crate::built::{BuiltImage, StoredManifest};
 use crate::compression::{Codec, Compression};
@@ -79,9 +81,8 @@ impl NixRunner for NixPools {
             return self.evaluate.realise(job);
         }
         // While it waits for a build worker, other images' builds may make its
-        // outputs; then it leaves the queue for an evaluation worker, where
-        // `nix-store --realise` finds them. The place it leaves in the queue costs
-        // a no-op later.
+        // outputs; then, unless a worker has started it, it leaves the queue for an
+        // evaluation worker, where `nix-store --realise` finds them.
         let queued = self.realise.realise(job.clone());
         let evaluate = self.evaluate.clone();
         Box::pin(async move {
@@ -90,7 +91,8 @@ impl NixRunner for NixPools {
                 tokio::select! {
                     done = &mut queued => return done,
                     _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                        if present() {
+                        if present() && job.claim.by_caller() {
+                            let job = Realise { claim: Claim::default(), ..job };
                             return evaluate.realise(job).await;
                         }
                     }
@@ -460,6 +462,7 @@ async fn realise(
             system: job.arch.nix_system(),
             evaluation: evaluation.clone(),
             progress: Arc::new(move |phase| shared.update(&key, |p| p.phase = phase)),
+            claim: Claim::default(),
         })
         .await
 }
