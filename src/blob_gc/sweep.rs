@@ -92,7 +92,7 @@ pub async fn sweep(
     retention: &Retention,
 ) -> Result<Swept, StorageError> {
     let now = unix_now();
-    let blobs = storage.list_blobs().await?;
+    let (blobs, orphan_marks) = storage.blob_listing().await?;
     let (expired, kept): (Vec<_>, Vec<_>) = blobs
         .into_iter()
         .partition(|b| retention.expired(b.used, now));
@@ -139,7 +139,7 @@ pub async fn sweep(
         swept.deleted += 1;
         swept.deleted_bytes += blob.size;
     }
-    for mark in storage.orphan_use_marks().await? {
+    for mark in orphan_marks {
         if retention.expired(mark.used, now) {
             storage.delete_object(&mark.name).await?;
         }

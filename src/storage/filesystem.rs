@@ -70,12 +70,10 @@ impl FsStorage {
     }
 
     pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
-        let object = blob_object(digest);
-        match tokio::fs::metadata(self.object_path(&object)).await {
-            Ok(m) => Ok(Some(m.len())),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StorageError::io("stat", object, e)),
-        }
+        Ok(self
+            .object_info(&blob_object(digest))
+            .await?
+            .map(|o| o.size))
     }
 
     /// Writes a streamed blob into this process's spool directory and renames it

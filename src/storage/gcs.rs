@@ -362,21 +362,10 @@ impl GcsStorage {
     }
 
     pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
-        let object = blob_object(digest);
-        let req = GetObjectRequest {
-            bucket: self.bucket.clone(),
-            object: object.clone(),
-            ..Default::default()
-        };
-        let result = retry("stat", &object, REQUEST_TIMEOUT, || async {
-            Ok(self.client.get_object(&req).await?)
-        })
-        .await;
-        match result {
-            Ok(o) => Ok(Some(o.size.max(0) as u64)),
-            Err(e) if e.kind() == Kind::NotFound => Ok(None),
-            Err(e) => Err(StorageError::io("stat", object, e)),
-        }
+        Ok(self
+            .object_info(&blob_object(digest))
+            .await?
+            .map(|o| o.size))
     }
 
     /// Stores a blob that arrives in chunks while it is being packed (see the module

@@ -464,53 +464,37 @@ impl Storage {
 
     /// Every stored blob with its last use.
     pub async fn list_blobs(&self) -> Result<Vec<BlobUse>, StorageError> {
-        let marks: std::collections::HashMap<String, u64> = match self {
+        Ok(self.blob_listing().await?.0)
+    }
+
+    /// Every stored blob with its last use, and the marks of use whose blob is
+    /// gone (S3 only: a mark that raced a deletion), from one listing of each.
+    pub async fn blob_listing(&self) -> Result<(Vec<BlobUse>, Vec<ObjectInfo>), StorageError> {
+        let mut marks: std::collections::HashMap<String, ObjectInfo> = match self {
             Storage::S3(_) => self
                 .list_objects(USE_PREFIX)
                 .await?
                 .into_iter()
-                .filter_map(|o| Some((o.name.strip_prefix(USE_PREFIX)?.to_string(), o.used)))
+                .filter_map(|o| Some((o.name.strip_prefix(USE_PREFIX)?.to_string(), o)))
                 .collect(),
             _ => Default::default(),
         };
-        Ok(self
+        let blobs = self
             .list_objects(BLOB_PREFIX)
             .await?
             .into_iter()
             .filter_map(|o| {
                 let hex = o.name.strip_prefix(BLOB_PREFIX)?;
                 let digest = Digest::parse(&format!("sha256:{hex}")).ok()?;
-                let used = o.used.max(marks.get(hex).copied().unwrap_or(0));
+                let used = o.used.max(marks.remove(hex).map_or(0, |m| m.used));
                 Some(BlobUse {
                     digest,
                     size: o.size,
                     used,
                 })
             })
-            .collect())
-    }
-
-    /// The marks of use whose blob is gone (S3 only): a touch that raced a deletion.
-    pub async fn orphan_use_marks(&self) -> Result<Vec<ObjectInfo>, StorageError> {
-        if !matches!(self, Storage::S3(_)) {
-            return Ok(Vec::new());
-        }
-        let blobs: std::collections::HashSet<String> = self
-            .list_objects(BLOB_PREFIX)
-            .await?
-            .into_iter()
-            .filter_map(|o| Some(o.name.strip_prefix(BLOB_PREFIX)?.to_string()))
             .collect();
-        Ok(self
-            .list_objects(USE_PREFIX)
-            .await?
-            .into_iter()
-            .filter(|o| {
-                o.name
-                    .strip_prefix(USE_PREFIX)
-                    .is_some_and(|hex| !blobs.contains(hex))
-            })
-            .collect())
+        Ok((blobs, marks.into_values().collect()))
     }
 
     /// Deletes a blob and its mark of use.
@@ -615,7 +599,7 @@ pub(crate) async fn check_blob_use(s: &Storage) {
     assert_eq!(s.blob_size(&d).await.unwrap(), None);
     assert_eq!(s.touch_blob(&d).await.unwrap(), None);
     assert_eq!(s.blob_last_used(&d).await.unwrap(), None);
-    assert!(s.orphan_use_marks().await.unwrap().is_empty());
+    assert!(s.blob_listing().await.unwrap().1.is_empty());
     let left: Vec<Digest> = s
         .list_blobs()
         .await

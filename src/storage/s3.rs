@@ -336,11 +336,7 @@ impl S3Storage {
     }
 
     async fn size(&self, object: &str) -> Result<Option<u64>, StorageError> {
-        match self.store.head(&ObjectPath::from(object)).await {
-            Ok(meta) => Ok(Some(meta.size)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(io("stat", object, e)),
-        }
+        Ok(self.object_info(object).await?.map(|o| o.size))
     }
 
     pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
