@@ -14,6 +14,15 @@ pub struct StoredManifest {
     pub bytes: Bytes,
 }
 
+impl StoredManifest {
+    pub fn of(bytes: Bytes) -> Self {
+        StoredManifest {
+            digest: Digest::of(&bytes),
+            bytes,
+        }
+    }
+}
+
 /// An image, or an image index, in both formats.
 #[derive(Debug, Clone)]
 pub struct BuiltImage {

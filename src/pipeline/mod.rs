@@ -321,8 +321,12 @@ pub async fn build_image(c: &Arc<BuildContext>, job: &Job) -> Result<Arc<BuiltIm
         let tally = Tally::default();
         let closure = realise(c, job, &evaluation).await?;
         let plans = plan_layers(&c.settings, &evaluation, &closure)?;
-        let mut layers = store::store_layers(c, job, &plans, &closure, &tally).await?;
-        let (top, runtime) = store::symlink_layer(c, job, &evaluation, &tally).await?;
+        // The symlink layer needs nothing from the others: packed alongside them,
+        // it is not a round trip after the largest one.
+        let (mut layers, (top, runtime)) = futures::try_join!(
+            store::store_layers(c, job, &plans, &closure, &tally),
+            store::symlink_layer(c, job, &evaluation, &tally),
+        )?;
         layers.push(top);
         let image = assemble(c, job, &evaluation, &closure, &layers, &runtime, &tally).await?;
         records::store_image(c, job, &image_key, &image).await?;
@@ -345,6 +349,7 @@ pub async fn build_index(
         &[ManifestFormat::Docker, ManifestFormat::Oci]
     };
     let mut manifests = Vec::with_capacity(2);
+    let mut blobs = Vec::with_capacity(2);
     for &format in formats {
         let entries: Vec<IndexEntry> = children
             .iter()
@@ -358,9 +363,10 @@ pub async fn build_index(
             })
             .collect();
         let bytes = Bytes::from(manifest::index_bytes(format, &entries));
-        let tally = Tally::default();
-        manifests.push(store::put_manifest(c, bytes, format.index_media_type(), &tally).await?);
+        manifests.push(StoredManifest::of(bytes.clone()));
+        blobs.push((bytes, format.index_media_type()));
     }
+    store::put_blobs(c, blobs, &Tally::default()).await?;
     let oci = manifests.pop().expect("an OCI index");
     let docker = manifests.pop().unwrap_or_else(|| oci.clone());
     let mut children = children;
@@ -500,7 +506,8 @@ async fn assemble(
     tally: &Tally,
 ) -> Result<Arc<BuiltImage>, BuildError> {
     let config = Bytes::from(manifest::config_blob(job.arch, layers, runtime));
-    let config_digest = store::put_blob(c, config.clone(), manifest::DOCKER_CONFIG, tally).await?;
+    let config_digest = crate::reference::Digest::of(&config);
+    let mut blobs = vec![(config.clone(), manifest::DOCKER_CONFIG)];
     let compression = job.request.compression();
     // zstd images have an OCI manifest only; it stands in for both formats.
     let formats: &[ManifestFormat] = match compression {
@@ -516,7 +523,8 @@ async fn assemble(
             layers,
             compression,
         ));
-        manifests.push(store::put_manifest(c, bytes, format.media_type(), tally).await?);
+        manifests.push(StoredManifest::of(bytes.clone()));
+        blobs.push((bytes, format.media_type()));
     }
     let oci = manifests.pop().expect("an OCI manifest");
     let docker = manifests.pop().unwrap_or_else(|| oci.clone());
@@ -528,7 +536,9 @@ async fn assemble(
             (&oci, ManifestFormat::Oci),
         ]
     };
-    let referrers = store::attach_sbom(c, job, evaluation, closure, subjects, tally).await?;
+    let (sbom, referrers) = store::sbom_blobs(job, evaluation, closure, subjects)?;
+    blobs.extend(sbom);
+    store::put_blobs(c, blobs, tally).await?;
     log::info!(
         "build {}: {} layers reused, {} layers built, {} bytes uploaded, image {} bytes",
         job.label(),

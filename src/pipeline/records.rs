@@ -278,13 +278,7 @@ pub(super) async fn load_image(
         log::warn!("ignoring unreadable image record {key}");
         return Ok(None);
     };
-    let manifest = |text: String| {
-        let bytes = Bytes::from(text.into_bytes());
-        StoredManifest {
-            digest: Digest::of(&bytes),
-            bytes,
-        }
-    };
+    let manifest = |text: String| StoredManifest::of(Bytes::from(text.into_bytes()));
     let referrers: Option<Vec<Referrer>> = record
         .referrers
         .into_iter()

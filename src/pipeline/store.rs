@@ -269,27 +269,35 @@ pub(super) async fn put_blob(
     Ok(digest)
 }
 
-/// Stores a manifest or index as a blob, so any replica serves it by digest.
-pub(super) async fn put_manifest(
+/// Small blobs to store: bytes and media type.
+pub(super) type Blobs = Vec<(Bytes, &'static str)>;
+
+/// Stores small blobs side by side: on a bucket each is a round trip, and none
+/// needs another stored first (nothing names these digests until the image record
+/// is written, after all of them).
+pub(super) async fn put_blobs(
     c: &BuildContext,
-    bytes: Bytes,
-    media_type: &'static str,
+    blobs: Blobs,
     tally: &Tally,
-) -> Result<StoredManifest, BuildError> {
-    let digest = put_blob(c, bytes.clone(), media_type, tally).await?;
-    Ok(StoredManifest { digest, bytes })
+) -> Result<(), BuildError> {
+    futures::future::try_join_all(
+        blobs
+            .into_iter()
+            .map(|(bytes, media_type)| put_blob(c, bytes, media_type, tally)),
+    )
+    .await
+    .map(drop)
 }
 
-/// An SPDX SBOM of the image's closure, stored as a blob and attached to both
-/// manifests by an artifact manifest each; built from what the build already knows.
-pub(super) async fn attach_sbom(
-    c: &BuildContext,
+/// An SPDX SBOM of the image's closure and an artifact manifest attaching it to
+/// each of `subjects`, built from what the build already knows: the blobs to store
+/// and the referrers they make.
+pub(super) fn sbom_blobs(
     job: &Job,
     evaluation: &Evaluation,
     closure: &[StorePathInfo],
     subjects: &[(&StoredManifest, ManifestFormat)],
-    tally: &Tally,
-) -> Result<Vec<Referrer>, BuildError> {
+) -> Result<(Blobs, Vec<Referrer>), BuildError> {
     let paths: Vec<sbom::PathInfo> = closure
         .iter()
         .map(|p| sbom::PathInfo {
@@ -329,9 +337,14 @@ pub(super) async fn attach_sbom(
         top_level: &top_level,
     }));
     let document_size = document.len() as u64;
-    let sbom_digest = put_blob(c, document, sbom::SPDX_MEDIA_TYPE, tally).await?;
-    let empty = Bytes::from_static(sbom::EMPTY_CONFIG);
-    put_blob(c, empty, sbom::EMPTY_CONFIG_MEDIA_TYPE, tally).await?;
+    let sbom_digest = Digest::of(&document);
+    let mut blobs = vec![
+        (document, sbom::SPDX_MEDIA_TYPE),
+        (
+            Bytes::from_static(sbom::EMPTY_CONFIG),
+            sbom::EMPTY_CONFIG_MEDIA_TYPE,
+        ),
+    ];
     let mut referrers = Vec::with_capacity(2);
     for (subject, format) in subjects {
         let bytes = Bytes::from(sbom::artifact_manifest(
@@ -344,8 +357,8 @@ pub(super) async fn attach_sbom(
         ));
         let referrer = Referrer::parse(bytes.clone())
             .ok_or_else(|| BuildError::Internal("unreadable SBOM artifact manifest".into()))?;
-        put_blob(c, bytes, manifest::OCI_MANIFEST, tally).await?;
+        blobs.push((bytes, manifest::OCI_MANIFEST));
         referrers.push(referrer);
     }
-    Ok(referrers)
+    Ok((blobs, referrers))
 }
