@@ -585,9 +585,171 @@ fn a_large_layer_streams_into_the_bucket_while_it_is_packed_and_runs() {
     // Published under its digest, complete; nothing left in staging.
     let bytes = check_blob_redirect(&server, &gcs, "noise", &digest);
     assert_eq!(bytes.len() as u64, size);
-    assert_eq!(bucket_objects(&gcs, "staging/"), Vec::<String>::new());
+    assert_eq!(staging_after_a_while(&gcs), Vec::<String>::new());
 
     // A client pulls it and the data checks out inside the image.
     let out = pull_and_run(server.addr(), "noise", &["/bin/noise-check"]);
     assert!(out.stdout.contains("data: OK"), "{out}");
+}
+
+/// Objects under `staging/` once the parts a compose left have had a few seconds
+/// to be deleted (in the background, after the answer).
+fn staging_after_a_while(gcs: &FakeGcs) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = bucket_objects(gcs, "staging/");
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_server_killed_mid_upload_leaves_no_blob_under_a_digest_name() {
+    if !require_fake_gcs() {
+        return;
+    }
+    // `noise` in 1 MiB parts sent one at a time, on a new bucket each try, until
+    // a kill lands while parts are in the bucket and the layer is not yet composed.
+    let one_part_at_a_time = [
+        ("NIXERY_STORAGE__UPLOAD_CHUNK_MIB", "1"),
+        ("NIXERY_STORAGE__UPLOAD_CHUNKS_IN_FLIGHT", "1"),
+    ];
+    let mut caught = None;
+    for attempt in 0..6 {
+        let gcs = FakeGcs::start(&[BUCKET]);
+        let mut server = start_server(&gcs, &one_part_at_a_time);
+        let url = server.url("/v2/noise/manifests/latest");
+        // The answer is a broken connection once the server is killed.
+        let pending = thread::spawn(move || {
+            http_request(
+                "GET",
+                &url,
+                &[("Accept", DOCKER_V2S2)],
+                Duration::from_secs(180),
+            )
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut parts = Vec::new();
+        while !pending.is_finished() && Instant::now() < deadline {
+            parts = bucket_objects(&gcs, "staging/");
+            if !parts.is_empty() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+        if parts.is_empty() {
+            eprintln!("attempt {attempt}: the upload finished before a part was seen");
+            let _ = pending.join();
+            continue;
+        }
+        let pid = server.pid().expect("server pid");
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+        let _ = pending.join();
+        let _ = server.stop();
+        eprintln!("attempt {attempt}: killed with parts {parts:?} in the bucket");
+        caught = Some((gcs, server));
+        break;
+    }
+    let Some((gcs, dead)) = caught else {
+        panic!("no kill landed while parts were in the bucket in 6 tries");
+    };
+
+    // Every object the killed process left under a digest name is complete: its
+    // bytes have that digest. It wrote no image record.
+    let left = bucket_objects(&gcs, "blobs/");
+    for name in &left {
+        let hex = name.strip_prefix("blobs/sha256/").expect("digest name");
+        let bytes = gcs.download(BUCKET, name).expect("listed object");
+        assert_eq!(sha256_digest(&bytes), format!("sha256:{hex}"), "{name}");
+    }
+    assert_eq!(
+        bucket_objects(&gcs, "records/images/"),
+        Vec::<String>::new()
+    );
+    assert!(!bucket_objects(&gcs, "staging/").is_empty());
+
+    // A new process on the bucket removes the dead one's parts at start-up and
+    // builds the image whole.
+    let storage_dir = dead.storage_path().display().to_string();
+    let pkgs = dead.pkgs_path().display().to_string();
+    let mut env = one_part_at_a_time.to_vec();
+    env.extend([
+        ("STORAGE_PATH", storage_dir.as_str()),
+        ("NIXERY_PKGS_PATH", pkgs.as_str()),
+    ]);
+    let server = start_server(&gcs, &env);
+    assert_eq!(bucket_objects(&gcs, "staging/"), Vec::<String>::new());
+    let (_, m) = manifest(&server, "noise");
+    let (largest, _) = largest_layer(&m);
+    assert!(
+        !left
+            .iter()
+            .any(|k| k.ends_with(largest.trim_start_matches("sha256:"))),
+        "the layer being uploaded at the kill was already published"
+    );
+    for d in blob_digests(&m) {
+        check_blob_redirect(&server, &gcs, "noise", &d);
+    }
+    assert_eq!(staging_after_a_while(&gcs), Vec::<String>::new());
+}
+
+/// Peak resident memory of a process, from /proc.
+fn vm_hwm_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+#[test]
+fn a_one_gib_layer_streams_into_the_bucket_within_the_memory_bound() {
+    if !require_fake_gcs() {
+        return;
+    }
+    let gcs = FakeGcs::start(&[BUCKET]);
+    // zstd on two threads: the compressor that holds the most (see README,
+    // "Memory"), with the default parts.
+    let server = start_server(&gcs, &[("NIXERY_LAYERS__COMPRESSION_THREADS", "2")]);
+    let pid = server.pid().expect("server pid");
+    let started = Instant::now();
+    let url = server.url("/v2/zstd/noise1g/manifests/latest");
+    let (status, _, body) = http_request(
+        "GET",
+        &url,
+        &[("Accept", "application/vnd.oci.image.manifest.v1+json")],
+        Duration::from_secs(600),
+    )
+    .expect("an answer");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let m: serde_json::Value = serde_json::from_slice(&body).expect("manifest JSON");
+    let (digest, size) = largest_layer(&m);
+    let peak = vm_hwm_bytes(pid);
+    eprintln!(
+        "1 GiB layer {digest} ({size} bytes) packed and uploaded in {:?}; server VmHWM {} MiB",
+        started.elapsed(),
+        peak >> 20
+    );
+    assert!(size > 1 << 30, "the data layer is only {size} bytes");
+    assert_streamed_while_packed(&server.log(), &digest, size);
+    let stored = gcs
+        .object(
+            BUCKET,
+            &format!("blobs/sha256/{}", digest.trim_start_matches("sha256:")),
+        )
+        .expect("the layer is in the bucket");
+    assert_eq!(stored["size"].as_str(), Some(size.to_string().as_str()));
+    // The bound the README documents, far below the layer's size.
+    assert!(
+        peak < 128 << 20,
+        "peak memory {} MiB while streaming a 1 GiB layer; the documented bound is 128 MiB",
+        peak >> 20
+    );
+    assert_eq!(staging_after_a_while(&gcs), Vec::<String>::new());
 }

@@ -95,6 +95,7 @@ pub struct StorageSettings {
     pub signed_url_ttl_secs: u64,
     pub upload_concurrency: usize,
     pub upload_chunk_mib: usize,
+    pub upload_chunks_in_flight: usize,
     pub verify_interval_secs: u64,
     pub retention_secs: u64,
     pub sweep: bool,
@@ -251,6 +252,12 @@ impl Settings {
         }
         if self.storage.upload_concurrency == 0 {
             return err("storage.upload_concurrency", "must be at least 1");
+        }
+        if !(1..=64).contains(&self.storage.upload_chunks_in_flight) {
+            return err(
+                "storage.upload_chunks_in_flight",
+                "must be between 1 and 64",
+            );
         }
         if !(1..=256).contains(&self.storage.upload_chunk_mib) {
             return err("storage.upload_chunk_mib", "must be between 1 and 256");

@@ -544,6 +544,18 @@ let
       '';
     };
 
+    # 1 GiB of random data, in 64 files (one layer): how much memory a layer far
+    # larger than any buffer costs the server.
+    noise1g = mkPkg {
+      name = "noise1g-1.0";
+      script = ''
+        mkdir -p $out/share/noise1g
+        for i in $(seq 64); do
+          head -c 16777216 /dev/urandom > $out/share/noise1g/data-$i
+        done
+      '';
+    };
+
     slow = scriptsPkg {
       name = "slow-1.0";
       scripts.slow = ''echo 'slow finished' '';

@@ -2,13 +2,15 @@
 //! fake-gcs-server can stand in for GCS in tests.
 //!
 //! Layers stream into the bucket while they are compressed: the packer hands over
-//! chunks (see [`super::stream`]) that go into a resumable upload at once. A layer's
-//! digest, and so its name, is known only when packing ends, so a layer larger than
-//! one chunk is uploaded under `staging/`, checked (size and CRC-32C against what the
-//! packer computed), copied inside the bucket to `blobs/sha256/<hex>` and the staging
-//! object deleted. Readers therefore only ever see complete blobs under digest names.
-//! A layer that fits in one chunk is known whole before anything is sent and goes
-//! straight to its digest name, like configs and manifests.
+//! chunks (see [`super::stream`]), each uploaded at once as its own part object
+//! under `staging/`, `storage.upload_chunks_in_flight` at a time, and checked (size
+//! and CRC-32C against what was sent). A layer's digest, and so its name, is known
+//! only when packing ends; then the bucket composes the parts into
+//! `blobs/sha256/<hex>`, the result is checked against the packer's size and CRC-32C
+//! and the parts are deleted. No byte is sent twice, nothing is copied, and readers
+//! only ever see complete blobs under digest names. A layer that fits in one chunk
+//! is known whole before anything is sent and goes straight to its digest name, like
+//! configs and manifests.
 //!
 //! Blobs are created with `ifGenerationMatch=0`, which makes a concurrent upload of
 //! the same digest by another replica harmless (GCS answers 412 and we report
@@ -16,11 +18,10 @@
 //! clients must receive byte for byte, or their digests would not match.
 //!
 //! Every network operation has a deadline per attempt and is retried with
-//! exponential backoff on 408, 429, 5xx, timeouts and connection errors. After a
-//! failed chunk the session is asked how much it persisted and sending continues from
-//! there, from the chunk still in memory. A stream that fails for good is abandoned
-//! (the packer stops at its next chunk); the layer is packed again on the next
-//! request, which gives the same bytes.
+//! exponential backoff on 408, 429, 5xx, timeouts and connection errors; a part is
+//! sent again whole, from the chunk still in memory. A stream that fails for good is
+//! abandoned (the packer stops at its next chunk) and its parts deleted; the layer is
+//! packed again on the next request, which gives the same bytes.
 
 use super::staging::{self, StagingBucket};
 use super::stream::{BlobReceiver, Piece};
@@ -28,20 +29,18 @@ use super::{blob_object, crc32c, ObjectInfo, Put, StorageError, BLOB_PREFIX};
 use crate::config::StorageSettings;
 use crate::reference::Digest;
 use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
 use gcloud_storage::client::google_cloud_auth::credentials::CredentialsFile;
 use gcloud_storage::client::{Client, ClientConfig};
 use gcloud_storage::http::buckets::get::GetBucketRequest;
-use gcloud_storage::http::objects::copy::CopyObjectRequest;
+use gcloud_storage::http::objects::compose::{ComposeObjectRequest, ComposingTargets};
 use gcloud_storage::http::objects::delete::DeleteObjectRequest;
 use gcloud_storage::http::objects::download::Range;
 use gcloud_storage::http::objects::get::GetObjectRequest;
 use gcloud_storage::http::objects::list::ListObjectsRequest;
 use gcloud_storage::http::objects::patch::PatchObjectRequest;
 use gcloud_storage::http::objects::upload::{Media, UploadObjectRequest, UploadType};
-use gcloud_storage::http::objects::Object;
-use gcloud_storage::http::resumable_upload_client::{
-    ChunkSize, ResumableUploadClient, UploadStatus,
-};
+use gcloud_storage::http::objects::{Object, SourceObjects};
 use gcloud_storage::http::Error as GcsError;
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -57,13 +56,17 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const MIN_UPLOAD_BYTES_PER_SEC: u64 = 256 << 10;
 /// How long `open` keeps trying to reach the bucket.
 const OPEN_DEADLINE: Duration = Duration::from_secs(10);
+/// Source objects one compose request takes at most (a GCS limit).
+const COMPOSE_MAX: usize = 32;
 
 pub struct GcsStorage {
     /// Boxed: the client is a few hundred bytes and would bloat `Storage`.
     client: Box<Client>,
     bucket: String,
-    /// Bytes per chunk of a streamed upload.
+    /// Bytes per part of a streamed upload.
     chunk: usize,
+    /// Parts of one layer uploaded at once.
+    in_flight: usize,
     uploads: AtomicU64,
     /// Leases this process holds right now (see `Storage::acquire_lease`).
     pub(crate) held_leases: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -256,15 +259,17 @@ impl GcsStorage {
             client: Box::new(Client::new(config)),
             bucket: settings.bucket.clone(),
             chunk: settings.upload_chunk_bytes(),
+            in_flight: settings.upload_chunks_in_flight,
             uploads: AtomicU64::new(0),
             held_leases: Default::default(),
         };
         storage.check_bucket(&endpoint, deadline).await?;
         storage.sweep_leftovers().await;
         log::info!(
-            "storage: gcs bucket {} at {endpoint}, layers streamed in {} MiB chunks",
+            "storage: gcs bucket {} at {endpoint}, layers streamed in {} MiB parts, {} at once",
             storage.bucket,
-            storage.chunk >> 20
+            storage.chunk >> 20,
+            storage.in_flight
         );
         Ok(storage)
     }
@@ -378,7 +383,13 @@ impl GcsStorage {
         staging::put_stream(self, pieces, media_type).await
     }
 
-    async fn put_staged(
+    /// Streams a layer as parts, `staging.00000`, `staging.00001`…, each one chunk
+    /// uploaded whole and checked, up to `in_flight` of them at once, then composes
+    /// them inside the bucket into the blob's digest name. Parallel parts keep the
+    /// link busy while the packer fills the next chunk, where one resumable session
+    /// would wait for each chunk's round trip; the compose is done by the bucket, so
+    /// no byte is sent twice and no staging copy is made.
+    async fn put_parts(
         &self,
         staging: &str,
         first: Bytes,
@@ -386,33 +397,36 @@ impl GcsStorage {
         media_type: &str,
     ) -> Result<Put, StorageError> {
         let fail = |e: OpError| StorageError::io("upload", staging, e);
-        let upload = UploadType::Simple(Media {
-            name: staging.to_string().into(),
-            content_type: media_type.to_string().into(),
-            content_length: None,
-        });
-        let req = UploadObjectRequest {
-            bucket: self.bucket.clone(),
-            ..Default::default()
-        };
-        let session: ResumableUploadClient = retry("upload", staging, REQUEST_TIMEOUT, || async {
-            Ok(self.client.prepare_resumable_upload(&req, &upload).await?)
-        })
-        .await
-        .map_err(fail)?;
-        let mut offset = 0u64;
-        let mut piece = Piece::Chunk(first);
+        let mut parts: Vec<String> = Vec::new();
+        let mut sent = 0u64;
+        let mut in_flight: FuturesUnordered<_> = FuturesUnordered::new();
+        let mut next = Some(Piece::Chunk(first));
         loop {
+            let piece = match next.take() {
+                Some(p) => p,
+                // A piece is taken only with a slot free, so a slow bucket slows the
+                // packer instead of piling chunks up in memory.
+                None => tokio::select! {
+                    done = in_flight.next(), if !in_flight.is_empty() => {
+                        let done: Result<(usize, u64), OpError> = done.expect("not empty");
+                        let (index, len) = done.map_err(fail)?;
+                        if index == 0 {
+                            log::info!("streaming a layer into {staging}: first {len} bytes stored");
+                        }
+                        continue;
+                    }
+                    p = pieces.next(), if in_flight.len() < self.in_flight => match p {
+                        Some(p) => p,
+                        None => return Err(StorageError::Abandoned),
+                    },
+                },
+            };
             match piece {
                 Piece::Chunk(bytes) => {
-                    let len = bytes.len() as u64;
-                    self.send_range(&session, staging, offset, bytes, None)
-                        .await
-                        .map_err(fail)?;
-                    if offset == 0 {
-                        log::info!("streaming a layer into {staging}: first {len} bytes stored");
-                    }
-                    offset += len;
+                    sent += bytes.len() as u64;
+                    let name = part_name(staging, parts.len());
+                    in_flight.push(self.put_part(parts.len(), name.clone(), bytes));
+                    parts.push(name);
                 }
                 Piece::End {
                     tail,
@@ -420,195 +434,211 @@ impl GcsStorage {
                     size,
                     crc32c,
                 } => {
-                    if offset + tail.len() as u64 != size {
+                    sent += tail.len() as u64;
+                    if sent != size {
                         return Err(fail(OpError::Invalid(format!(
-                            "packer reported {size} bytes, sent {}",
-                            offset + tail.len() as u64
+                            "packer reported {size} bytes, sent {sent}"
                         ))));
                     }
-                    let object = self
-                        .send_range(&session, staging, offset, tail, Some(size))
-                        .await
-                        .map_err(fail)?
-                        .ok_or_else(|| fail(OpError::Invalid("upload did not complete".into())))?;
-                    return self.publish(staging, &object, &digest, size, crc32c).await;
+                    if !tail.is_empty() {
+                        let name = part_name(staging, parts.len());
+                        in_flight.push(self.put_part(parts.len(), name.clone(), tail));
+                        parts.push(name);
+                    }
+                    while let Some(done) = in_flight.next().await {
+                        done.map_err(fail)?;
+                    }
+                    return self
+                        .compose_blob(staging, parts, &digest, size, crc32c, media_type)
+                        .await;
                 }
             }
-            piece = match pieces.next().await {
-                Some(p) => p,
-                None => {
-                    let _ = tokio::time::timeout(REQUEST_TIMEOUT, session.cancel()).await;
-                    return Err(StorageError::Abandoned);
-                }
-            };
         }
     }
 
-    /// Sends `data` as the bytes from `start` of the session's object; `total` comes
-    /// with the last piece and completes the upload, returning the object. After a
-    /// failed attempt the session is asked what it persisted and sending resumes
-    /// from there.
-    async fn send_range(
+    /// Uploads one part whole and checks that the bucket holds what was sent;
+    /// returns the part's index and length.
+    async fn put_part(
         &self,
-        session: &ResumableUploadClient,
-        object: &str,
-        start: u64,
-        data: Bytes,
-        total: Option<u64>,
-    ) -> Result<Option<Object>, OpError> {
-        let end = start + data.len() as u64;
-        let mut at = start;
-        // Counted since the last progress, so a long upload over a flaky link still
-        // completes while a dead one gives up.
-        let mut failures = 0;
-        let mut resync = false;
-        loop {
-            let sent_from = at;
-            let step = if resync {
-                with_timeout(REQUEST_TIMEOUT, async { Ok(session.status(total).await?) }).await
-            } else {
-                let len = end - at;
-                // An empty last piece reads "bytes */<total>": it only completes.
-                let range = ChunkSize::new(at, (at + len).max(1) - 1, total);
-                let body = data.slice((at - start) as usize..);
-                with_timeout(upload_timeout(len), async {
-                    Ok(session.upload_multiple_chunk(body, &range).await?)
-                })
-                .await
-            };
-            let was_resync = std::mem::replace(&mut resync, false);
-            match step {
-                Ok(UploadStatus::Ok(o)) if total.is_some() => return Ok(Some(o)),
-                Ok(UploadStatus::Ok(_)) => {
-                    return Err(OpError::Invalid(format!(
-                        "upload completed at byte {at}, before its last chunk"
-                    )))
-                }
-                Ok(UploadStatus::ResumeIncomplete(r)) => {
-                    let persisted = r.last_byte + 1;
-                    if persisted < start || persisted > end {
-                        return Err(OpError::Invalid(format!(
-                            "session has {persisted} bytes, expected {start} to {end}"
-                        )));
-                    }
-                    at = persisted;
-                    if at == end && total.is_none() {
-                        return Ok(None);
-                    }
-                }
-                Ok(UploadStatus::NotStarted) if start == 0 => at = 0,
-                Ok(UploadStatus::NotStarted) => {
-                    return Err(OpError::Invalid(format!(
-                        "session lost the {start} bytes it had stored"
-                    )))
-                }
-                Err(e) => {
-                    failures += 1;
-                    if e.kind() != Kind::Transient || failures >= MAX_TRIES {
-                        return Err(e);
-                    }
-                    let wait = backoff(failures - 1);
-                    log::warn!(
-                        "gcs upload {object}: {e} at byte {at}; retrying in {} ms",
-                        wait.as_millis()
-                    );
-                    tokio::time::sleep(wait).await;
-                    // Part of the piece may have been persisted.
-                    resync = true;
-                    continue;
-                }
-            }
-            if at > sent_from {
-                failures = 0;
-            } else if !was_resync {
-                failures += 1;
-                if failures >= MAX_TRIES {
-                    return Err(OpError::Invalid(format!(
-                        "session accepts nothing past byte {at}"
-                    )));
-                }
-            }
-        }
+        index: usize,
+        name: String,
+        bytes: Bytes,
+    ) -> Result<(usize, u64), OpError> {
+        let len = bytes.len() as u64;
+        let crc = crc32c::update(0, &bytes);
+        let req = UploadObjectRequest {
+            bucket: self.bucket.clone(),
+            ..Default::default()
+        };
+        let media = UploadType::Simple(self.media(&name, "application/octet-stream", len));
+        let object = retry("upload", &name, upload_timeout(len), || async {
+            Ok(self
+                .client
+                .upload_object(&req, bytes.clone(), &media)
+                .await?)
+        })
+        .await?;
+        check_arrived(&object, len, crc)?;
+        Ok((index, len))
     }
 
-    /// Checks a completed staging object against what the packer computed and puts
-    /// it under its digest name.
-    async fn publish(
+    /// Composes the checked parts into `blobs/sha256/<hex>` (through intermediate
+    /// objects when there are more than one compose takes) unless that blob is
+    /// already there, checks the result against what the packer computed, and
+    /// removes the parts in the background.
+    async fn compose_blob(
         &self,
         staging: &str,
-        object: &Object,
+        parts: Vec<String>,
         digest: &Digest,
         size: u64,
         crc32c: u32,
+        media_type: &str,
     ) -> Result<Put, StorageError> {
-        let expected = crc32c::to_base64(crc32c);
-        if object.size.max(0) as u64 != size
-            || object.crc32c.as_deref().is_some_and(|c| c != expected)
-        {
-            return Err(StorageError::io(
-                "upload",
-                staging,
-                format!(
-                    "bucket holds {} bytes with crc32c {:?}, sent {size} with {expected}",
-                    object.size, object.crc32c
-                ),
-            ));
-        }
         let target = blob_object(digest);
-        // The copy's precondition alone would do on GCS; fake-gcs-server ignores it
-        // on copies, and asking first keeps a blob another replica published from
+        let mut made = parts.clone();
+        let mut sources = parts;
+        let mut round = 0;
+        while sources.len() > COMPOSE_MAX {
+            round += 1;
+            let groups: Vec<(String, Vec<String>)> = sources
+                .chunks(COMPOSE_MAX)
+                .enumerate()
+                .map(|(i, group)| (format!("{staging}.r{round}.{i:05}"), group.to_vec()))
+                .collect();
+            let composed =
+                futures::future::join_all(groups.iter().map(|(name, group)| {
+                    self.compose(name, group, None, "application/octet-stream")
+                }))
+                .await;
+            sources = groups.into_iter().map(|(name, _)| name).collect();
+            made.extend(sources.iter().cloned());
+            if let Some(e) = composed.into_iter().find_map(Result::err) {
+                self.discard_objects(made);
+                return Err(StorageError::io("compose", staging, e));
+            }
+        }
+        // The precondition alone would do on GCS; fake-gcs-server ignores it on
+        // composes, and asking first keeps a blob another replica published from
         // being rewritten there too.
         let created = if self.blob_size(digest).await?.is_some() {
-            false
+            None
         } else {
-            let req = CopyObjectRequest {
-                source_bucket: self.bucket.clone(),
-                source_object: staging.to_string(),
-                destination_bucket: self.bucket.clone(),
-                destination_object: target.clone(),
-                if_generation_match: Some(0),
-                ..Default::default()
-            };
-            match retry("copy", &target, REQUEST_TIMEOUT, || async {
-                Ok(self.client.copy_object(&req).await?)
-            })
-            .await
-            {
-                Ok(_) => true,
-                Err(e) if e.kind() == Kind::Exists => false,
-                Err(e) => return Err(StorageError::io("copy", target, e)),
+            match self.compose(&target, &sources, Some(0), media_type).await {
+                Ok(object) => Some(object),
+                Err(e) if e.kind() == Kind::Exists => None,
+                Err(e) => {
+                    self.discard_objects(made);
+                    return Err(StorageError::io("compose", target, e));
+                }
             }
         };
-        if let Err(e) = self.delete_object(staging).await {
-            // Harmless: the next start-up sweeps it.
-            log::warn!("{e}");
+        self.discard_objects(made);
+        let Some(object) = created else {
+            return Ok(Put {
+                uploaded: false,
+                bytes: size,
+            });
+        };
+        if let Err(e) = check_arrived(&object, size, crc32c) {
+            // Every part was checked, so this would be the bucket's own fault;
+            // a blob that does not match its name must not stay under it.
+            if let Err(d) = self.delete_object(&target).await {
+                log::warn!("{d}");
+            }
+            return Err(StorageError::io("compose", target, e));
         }
-        if created {
-            self.uploads.fetch_add(1, Ordering::Relaxed);
-            log::info!("uploaded {target} ({size} bytes, streamed while packed)");
-            // A copy keeps the staging object's metadata, which has no customTime;
-            // without one a lifecycle rule on it never applies to this blob.
+        self.uploads.fetch_add(1, Ordering::Relaxed);
+        log::info!("uploaded {target} ({size} bytes, streamed while packed)");
+        if object.custom_time.is_none() {
+            // fake-gcs-server drops the customTime a compose asks for; without one
+            // a lifecycle rule on it never applies to this blob.
             if let Err(e) = self.touch_object(&target).await {
                 log::warn!("{e}");
             }
         }
         Ok(Put {
-            uploaded: created,
+            uploaded: true,
             bytes: size,
         })
     }
 
-    /// Deletes a staging object in the background after a failed stream; the
-    /// failure is reported without waiting for this.
-    fn discard_staging(&self, staging: &str) {
-        let req = DeleteObjectRequest {
+    /// One compose request: `sources`, in order, into `object`.
+    async fn compose(
+        &self,
+        object: &str,
+        sources: &[String],
+        if_generation_match: Option<i64>,
+        content_type: &str,
+    ) -> Result<Object, OpError> {
+        let req = ComposeObjectRequest {
             bucket: self.bucket.clone(),
-            object: staging.to_string(),
+            destination_object: object.to_string(),
+            if_generation_match,
+            composing_targets: ComposingTargets {
+                destination: Some(Object {
+                    name: object.to_string(),
+                    content_type: Some(content_type.to_string()),
+                    custom_time: object.starts_with(BLOB_PREFIX).then(now),
+                    ..Default::default()
+                }),
+                source_objects: sources
+                    .iter()
+                    .map(|name| SourceObjects {
+                        name: name.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            },
             ..Default::default()
         };
+        retry("compose", object, REQUEST_TIMEOUT, || async {
+            Ok(self.client.compose_object(&req).await?)
+        })
+        .await
+    }
+
+    /// Deletes objects in the background; nothing waits for this, and what a
+    /// failure leaves under `staging/` the next start-up sweeps.
+    fn discard_objects(&self, objects: Vec<String>) {
         let client = self.client.clone();
+        let bucket = self.bucket.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, client.delete_object(&req)).await;
+            for object in objects {
+                let req = DeleteObjectRequest {
+                    bucket: bucket.clone(),
+                    object,
+                    ..Default::default()
+                };
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, client.delete_object(&req)).await;
+            }
+        });
+    }
+
+    /// Deletes, in the background, the parts a failed stream left under `staging`.
+    fn discard_staging(&self, staging: &str) {
+        let client = self.client.clone();
+        let bucket = self.bucket.clone();
+        let prefix = format!("{staging}.");
+        tokio::spawn(async move {
+            let req = ListObjectsRequest {
+                bucket: bucket.clone(),
+                prefix: Some(prefix),
+                ..Default::default()
+            };
+            let Ok(Ok(listed)) =
+                tokio::time::timeout(REQUEST_TIMEOUT, client.list_objects(&req)).await
+            else {
+                return;
+            };
+            for o in listed.items.unwrap_or_default() {
+                let req = DeleteObjectRequest {
+                    bucket: bucket.clone(),
+                    object: o.name,
+                    ..Default::default()
+                };
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, client.delete_object(&req)).await;
+            }
         });
     }
 
@@ -870,6 +900,26 @@ impl GcsStorage {
     }
 }
 
+/// `<staging>.00007`: a part's name keeps the staging name's holder tag, so a
+/// start-up sweep recognises parts a dead process left.
+fn part_name(staging: &str, index: usize) -> String {
+    format!("{staging}.{index:05}")
+}
+
+/// Whether the bucket's object has the size and CRC-32C of what was sent (an
+/// object without a checksum is judged by its size).
+fn check_arrived(object: &Object, size: u64, crc: u32) -> Result<(), OpError> {
+    let expected = crc32c::to_base64(crc);
+    if object.size.max(0) as u64 != size || object.crc32c.as_deref().is_some_and(|c| c != expected)
+    {
+        return Err(OpError::Invalid(format!(
+            "bucket holds {} bytes with crc32c {:?}, sent {size} with {expected}",
+            object.size, object.crc32c
+        )));
+    }
+    Ok(())
+}
+
 fn now() -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp(super::unix_now() as i64)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
@@ -913,7 +963,7 @@ impl StagingBucket for GcsStorage {
         pieces: BlobReceiver,
         media_type: &str,
     ) -> Result<Put, StorageError> {
-        self.put_staged(staging, first, pieces, media_type).await
+        self.put_parts(staging, first, pieces, media_type).await
     }
 
     async fn discard_staged(&self, staging: &str) {
@@ -1067,6 +1117,7 @@ mod tests {
             signed_url_ttl_secs: 300,
             upload_concurrency: 2,
             upload_chunk_mib: 1,
+            upload_chunks_in_flight: 4,
             verify_interval_secs: 10,
             retention_secs: 0,
             sweep: true,
@@ -1144,39 +1195,35 @@ mod tests {
         }
     }
 
-    /// A 308 that reports bytes `0..persisted` stored.
-    fn persisted(persisted: u64) -> Canned {
-        Canned {
-            status: 308,
-            headers: format!("Range: bytes=0-{}\r\n", persisted - 1),
-            body: String::new(),
-        }
-    }
-
-    fn session_started(endpoint: &str) -> Canned {
-        Canned {
-            status: 200,
-            headers: format!("Location: {endpoint}/upload/session-1\r\n"),
-            body: String::new(),
-        }
-    }
-
-    fn staged_object_json(size: usize, crc: u32) -> String {
+    /// An object as the JSON API describes it; `custom_time` as a compose that
+    /// honours it answers.
+    fn object_json(name: &str, size: usize, crc: u32, custom_time: bool) -> String {
+        let custom = if custom_time {
+            r#","customTime":"2026-11-30T00:00:00Z""#
+        } else {
+            ""
+        };
         format!(
-            r#"{{"kind":"storage#object","name":"staging/x","id":"layers/staging/x","bucket":"layers","size":"{size}","crc32c":"{}","generation":"1","metageneration":"1","selfLink":"","mediaLink":""}}"#,
+            r#"{{"kind":"storage#object","name":"{name}","id":"layers/{name}","bucket":"layers","size":"{size}","crc32c":"{}","generation":"1","metageneration":"1","selfLink":"","mediaLink":""{custom}}}"#,
             crc32c::to_base64(crc)
         )
     }
 
-    fn header<'a>(seen: &'a [Received], i: usize, name: &str) -> &'a str {
-        seen[i]
-            .0
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case(name).then(|| v.trim())
-            })
+    /// Settings whose streams send one part at a time, so that a scripted server
+    /// sees the requests in a known order.
+    fn one_part_at_a_time(endpoint: &str) -> StorageSettings {
+        StorageSettings {
+            upload_chunks_in_flight: 1,
+            ..settings("layers", endpoint)
+        }
+    }
+
+    fn query_name(seen: &[Received], i: usize) -> String {
+        let line = request_line(seen, i);
+        line.split(['?', '&', ' '])
+            .find_map(|kv| kv.strip_prefix("name="))
             .unwrap_or("")
+            .replace("%2F", "/")
     }
 
     fn request_line(seen: &[Received], i: usize) -> &str {
@@ -1264,27 +1311,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_streamed_layer_resumes_from_what_was_persisted_then_is_copied_to_its_digest() {
+    async fn a_streamed_layer_goes_up_in_checked_parts_composed_under_its_digest() {
         let chunk = 1usize << 20;
         let data = random_bytes(chunk + (300 << 10));
         let size = data.len();
+        let (first, rest) = data.split_at(chunk);
+        let (crc_first, crc_rest) = (crc32c::update(0, first), crc32c::update(0, rest));
         let crc = crc32c::update(0, &data);
-        let half = chunk / 2;
-        let (endpoint, server) = scripted_server(move |endpoint| {
+        let (endpoint, server) = scripted_server(move |_| {
             vec![
                 canned(200, BUCKET_JSON),
                 canned(200, EMPTY_LIST_JSON),
-                session_started(endpoint),
                 canned(503, UNAVAILABLE_JSON),
-                persisted(half as u64),
-                persisted(chunk as u64),
-                canned(200, &staged_object_json(size, crc)),
+                canned(200, &object_json("p0", chunk, crc_first, false)),
+                canned(200, &object_json("p1", size - chunk, crc_rest, false)),
                 canned(404, NOT_FOUND_JSON),
-                canned(200, OBJECT_JSON),
+                canned(200, &object_json("blob", size, crc, true)),
+                canned(204, ""),
                 canned(204, ""),
             ]
         });
-        let s = GcsStorage::open(&settings("layers", &endpoint))
+        let s = GcsStorage::open(&one_part_at_a_time(&endpoint))
             .await
             .unwrap();
         assert_eq!(s.chunk(), chunk);
@@ -1302,44 +1349,55 @@ mod tests {
         );
         assert_eq!(s.uploads(), 1);
 
-        let seen = server.join().unwrap();
-        assert_eq!(seen.len(), 10);
-        assert!(seen[2].0.contains("uploadType=resumable"), "{}", seen[2].0);
-        assert!(seen[2].0.contains("name=staging%2F"), "{}", seen[2].0);
-        // The first chunk goes before the size is known.
-        assert_eq!(
-            header(&seen, 3, "content-range"),
-            format!("bytes 0-{}/*", chunk - 1)
-        );
-        assert_eq!(header(&seen, 4, "content-range"), "bytes */*");
-        assert_eq!(
-            header(&seen, 5, "content-range"),
-            format!("bytes {half}-{}/*", chunk - 1)
-        );
+        // The parts are deleted in the background, on this runtime.
+        let seen = tokio::task::spawn_blocking(move || server.join().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(seen.len(), 9);
+        // The first part, failed once and sent again whole, then the last.
+        let part0 = query_name(&seen, 2);
         assert!(
-            seen[5].1 == data[half..chunk],
-            "resumed from the wrong offset"
+            part0.starts_with(staging::PREFIX) && part0.ends_with(".00000"),
+            "{part0}"
         );
-        assert_eq!(
-            header(&seen, 6, "content-range"),
-            format!("bytes {chunk}-{}/{size}", size - 1)
-        );
-        assert!(seen[6].1 == data[chunk..], "wrong last piece");
-        assert!(request_line(&seen, 7).contains(d.hex()), "{}", seen[7].0);
-        let copy = request_line(&seen, 8);
+        assert_eq!(query_name(&seen, 3), part0);
+        assert!(seen[2].1 == data[..chunk] && seen[3].1 == data[..chunk]);
+        let part1 = query_name(&seen, 4);
+        assert_eq!(part1, part0.replace(".00000", ".00001"));
+        assert!(seen[4].1 == data[chunk..], "wrong last part");
+        // Then the blob's absence, and one compose of both parts in order into
+        // the digest name, created only if absent, with a customTime.
+        assert!(request_line(&seen, 5).contains(d.hex()), "{}", seen[5].0);
+        let compose = request_line(&seen, 6);
         assert!(
-            copy.starts_with("POST ") && copy.contains("/copyTo/b/layers/o/blobs%2Fsha256%2F"),
-            "{copy}"
+            compose.starts_with("POST ")
+                && compose.contains(&format!("/o/blobs%2Fsha256%2F{}/compose", d.hex()))
+                && compose.contains("ifGenerationMatch=0"),
+            "{compose}"
         );
+        let body: serde_json::Value = serde_json::from_slice(&seen[6].1).unwrap();
+        let sources: Vec<&str> = body["sourceObjects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(sources, [part0.as_str(), part1.as_str()]);
+        assert!(body["destination"]["customTime"].is_string(), "{body}");
+        let mut deleted: Vec<String> = (7..9)
+            .map(|i| {
+                assert!(
+                    request_line(&seen, i).starts_with("DELETE "),
+                    "{}",
+                    seen[i].0
+                );
+                request_line(&seen, i).replace("%2F", "/")
+            })
+            .collect();
+        deleted.sort();
         assert!(
-            copy.contains(d.hex()) && copy.contains("ifGenerationMatch=0"),
-            "{copy}"
-        );
-        assert!(copy.contains("/o/staging%2F"), "{copy}");
-        let delete = request_line(&seen, 9);
-        assert!(
-            delete.starts_with("DELETE ") && delete.contains("/o/staging%2F"),
-            "{delete}"
+            deleted[0].contains(&part0) && deleted[1].contains(&part1),
+            "{deleted:?}"
         );
         assert!(!seen
             .iter()
@@ -1347,22 +1405,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_staged_layer_that_arrived_damaged_is_not_published() {
+    async fn a_part_that_arrived_damaged_stops_the_layer_before_anything_is_published() {
         let chunk = 1usize << 20;
         let data = random_bytes(chunk + 1000);
-        let size = data.len();
-        let wrong = crc32c::update(0, &data) ^ 1;
-        let (endpoint, server) = scripted_server(move |endpoint| {
+        let wrong = crc32c::update(0, &data[..chunk]) ^ 1;
+        let listed = format!(
+            r#"{{"kind":"storage#objects","items":[{}]}}"#,
+            object_json("staging/x.00000", chunk, wrong, false)
+        );
+        let (endpoint, server) = scripted_server(move |_| {
             vec![
                 canned(200, BUCKET_JSON),
                 canned(200, EMPTY_LIST_JSON),
-                session_started(endpoint),
-                persisted(chunk as u64),
-                canned(200, &staged_object_json(size, wrong)),
+                canned(200, &object_json("p0", chunk, wrong, false)),
+                canned(200, &listed),
                 canned(204, ""),
             ]
         });
-        let s = GcsStorage::open(&settings("layers", &endpoint))
+        let s = GcsStorage::open(&one_part_at_a_time(&endpoint))
             .await
             .unwrap();
         let err = s
@@ -1372,35 +1432,43 @@ mod tests {
             .to_string();
         assert!(err.contains("crc32c") && err.contains("staging/"), "{err}");
         assert_eq!(s.uploads(), 0);
-        // The staging object is deleted in the background, on this runtime.
+        // What the stream left is listed and deleted in the background.
         let seen = tokio::task::spawn_blocking(move || server.join().unwrap())
             .await
             .unwrap();
-        // No copy: the damaged staging object is deleted instead.
+        let part0 = query_name(&seen, 2);
         assert!(
-            request_line(&seen, 5).starts_with("DELETE "),
+            request_line(&seen, 3).contains(&format!(
+                "prefix={}",
+                part0.trim_end_matches("00000").replace('/', "%2F")
+            )),
             "{}",
-            seen[5].0
+            seen[3].0
         );
-        assert!(!seen.iter().any(|(h, _)| h.contains("copyTo")));
+        assert!(
+            request_line(&seen, 4).starts_with("DELETE ")
+                && request_line(&seen, 4).contains("staging%2Fx.00000"),
+            "{}",
+            seen[4].0
+        );
+        assert!(!seen.iter().any(|(h, _)| h.contains("/compose")));
     }
 
     #[tokio::test]
     async fn a_failed_upload_stops_the_packer() {
         let chunk = 1usize << 20;
-        let (endpoint, server) = scripted_server(move |endpoint| {
+        let (endpoint, server) = scripted_server(move |_| {
             vec![
                 canned(200, BUCKET_JSON),
                 canned(200, EMPTY_LIST_JSON),
-                session_started(endpoint),
                 canned(
                     403,
                     r#"{"error":{"code":403,"message":"denied","errors":[]}}"#,
                 ),
-                canned(404, NOT_FOUND_JSON),
+                canned(200, EMPTY_LIST_JSON),
             ]
         });
-        let s = GcsStorage::open(&settings("layers", &endpoint))
+        let s = GcsStorage::open(&one_part_at_a_time(&endpoint))
             .await
             .unwrap();
         let (mut tx, rx) = super::super::stream::channel(chunk);
@@ -1469,6 +1537,16 @@ mod tests {
                 .map(|o| o.name)
                 .collect::<Vec<_>>()
         };
+        // Parts are deleted in the background once composed.
+        let staged_after_a_while = || async {
+            for _ in 0..100 {
+                if staged().await.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            staged().await
+        };
 
         // A layer of several chunks streams through staging to its digest name.
         let big = random_bytes(5 * chunk + 12345);
@@ -1495,7 +1573,20 @@ mod tests {
         assert_eq!(s.blob_size(&d).await.unwrap(), Some(big.len() as u64));
         let back = s.read_object(&blob_object(&d)).await.unwrap().unwrap();
         assert!(back == big, "downloaded blob differs");
-        assert_eq!(staged().await, Vec::<String>::new());
+        assert_eq!(staged_after_a_while().await, Vec::<String>::new());
+
+        // More parts than one compose takes: composed through intermediates.
+        let many = random_bytes((COMPOSE_MAX + 9) * chunk + 7);
+        let dm = Digest::of(&many);
+        let put = s
+            .put_blob_stream(feed(many.clone(), chunk, true), "application/octet-stream")
+            .await
+            .unwrap();
+        assert!(put.uploaded);
+        let back = s.read_object(&blob_object(&dm)).await.unwrap().unwrap();
+        assert!(back == many, "blob of {} parts differs", COMPOSE_MAX + 10);
+        assert_eq!(staged_after_a_while().await, Vec::<String>::new());
+        assert_eq!(s.uploads(), 2);
 
         // Streamed again (another build racing this one): not published twice.
         let again = s
@@ -1503,8 +1594,8 @@ mod tests {
             .await
             .unwrap();
         assert!(!again.uploaded);
-        assert_eq!(s.uploads(), 1);
-        assert_eq!(staged().await, Vec::<String>::new());
+        assert_eq!(s.uploads(), 2);
+        assert_eq!(staged_after_a_while().await, Vec::<String>::new());
 
         // A packer that fails leaves nothing behind.
         let other = random_bytes(4 * chunk);
@@ -1517,7 +1608,7 @@ mod tests {
             Err(StorageError::Abandoned)
         ));
         assert_eq!(s.blob_size(&Digest::of(&other)).await.unwrap(), None);
-        assert_eq!(staged().await, Vec::<String>::new());
+        assert_eq!(staged_after_a_while().await, Vec::<String>::new());
 
         // A layer within one chunk goes straight to its digest name.
         let small = random_bytes(300 << 10);
@@ -1528,7 +1619,7 @@ mod tests {
             .unwrap();
         assert!(put.uploaded);
         assert_eq!(s.blob_size(&ds).await.unwrap(), Some(300 << 10));
-        assert_eq!(s.uploads(), 2);
+        assert_eq!(s.uploads(), 3);
 
         // Staging objects left by a dead process on this host, or old ones, are
         // removed at start-up; a live replica's are not.
@@ -1551,7 +1642,7 @@ mod tests {
         let media = "application/vnd.docker.container.image.v1+json";
         assert!(s.put_blob_bytes(&dc, config.clone(), media).await.unwrap());
         assert!(!s.put_blob_bytes(&dc, config.clone(), media).await.unwrap());
-        assert_eq!(s.uploads(), 3);
+        assert_eq!(s.uploads(), 4);
         assert_eq!(
             s.read_object(&blob_object(&dc)).await.unwrap(),
             Some(config)
@@ -1569,7 +1660,7 @@ mod tests {
             s.read_object(record).await.unwrap(),
             Some(Bytes::from_static(b"{\"v\":2}"))
         );
-        assert_eq!(s.uploads(), 3, "records are not blob uploads");
+        assert_eq!(s.uploads(), 4, "records are not blob uploads");
 
         let lease = "leases/img.json";
         let one = Bytes::from_static(br#"{"holder":"a"}"#);

@@ -657,6 +657,7 @@ mod tests {
             signed_url_ttl_secs: 300,
             upload_concurrency: 4,
             upload_chunk_mib: 1,
+            upload_chunks_in_flight: 4,
             verify_interval_secs: 10,
             retention_secs: 0,
             sweep: true,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 /// Where layers are uploaded before their digest is known.
 pub(super) const PREFIX: &str = "staging/";
-/// A staging object lives from the end of its upload to the end of the copy, a
+/// A staging object lives from the end of its upload to the blob's publication, a
 /// few seconds; one this old was left by a process that died in between.
 pub(super) const MAX_AGE: Duration = Duration::from_secs(3600);
 
