@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -68,4 +69,36 @@ fn an_image_already_in_the_store_does_not_wait_for_another_images_build() {
     let (status, took) = slow.join().expect("slow thread");
     assert_eq!(status.expect("slow answered"), 200);
     eprintln!("slow took {took:?}; cowsay/hello was answered while it built");
+}
+
+#[test]
+fn a_build_stuck_behind_a_lock_with_nothing_building_is_started_again() {
+    let server = Server::start(&[]);
+    // Another process holds the lock of hello's output for 14 s and builds
+    // nothing, as a Nix process does that waits for a lock this build holds.
+    let out = run_ok(Command::new("nix-instantiate").args([
+        "--eval".to_string(),
+        "-E".to_string(),
+        format!(
+            "(import {} {{}}).hello.outPath",
+            server.pkgs_path().display()
+        ),
+    ]));
+    let out_path = out.stdout.trim().trim_matches('"').to_string();
+    assert!(out_path.starts_with("/nix/store/"), "{out_path}");
+    let mut holder = Command::new("flock")
+        .args([&format!("{out_path}.lock"), "sleep", "14"])
+        .spawn()
+        .expect("flock");
+    let started = Instant::now();
+    let (status, body) = get(&server, "hello");
+    let took = started.elapsed();
+    let _ = holder.wait();
+    assert_eq!(status, 200, "{body}");
+    let log = server.log();
+    assert!(
+        log.contains("nix-store waited 10 s for a lock with nothing building"),
+        "never started again:\n{log}"
+    );
+    assert!(took >= Duration::from_secs(10), "answered in {took:?}");
 }

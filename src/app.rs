@@ -88,6 +88,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         connect_timeout_secs: nix.connect_timeout_secs,
         stalled_download_timeout_secs: nix.stalled_download_timeout_secs,
         tarball_ttl_secs: settings.source.ref_ttl_secs,
+        max_jobs: nix.max_jobs,
     };
     let expr_dir = expr_file
         .parent()
@@ -124,11 +125,12 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     let nix_pools = {
         let (e, r, p) = (worker.clone(), worker.clone(), worker);
         let cpus = settings.cpu_workers();
-        NixPools {
-            evaluate: SyncArbiter::start(cpus, move || e.clone()),
-            realise: SyncArbiter::start(workers, move || r.clone()),
-            pack: SyncArbiter::start(cpus, move || p.clone()),
-        }
+        NixPools::new(
+            SyncArbiter::start(cpus, move || e.clone()),
+            cpus,
+            SyncArbiter::start(workers, move || r.clone()),
+            SyncArbiter::start(cpus, move || p.clone()),
+        )
     };
     let roots = match nix::gc::GcRoots::open(Path::new(&settings.nix.gc_roots_dir)) {
         Ok(roots) => Some(roots),

@@ -115,6 +115,7 @@ pub struct NixSettings {
     pub timeout_secs: u64,
     pub eval_timeout_secs: u64,
     pub workers: usize,
+    pub max_jobs: usize,
     pub queue_limit: usize,
     pub failure_cache_secs: u64,
     pub bin_dir: String,
@@ -258,6 +259,9 @@ impl Settings {
                 "storage.upload_chunks_in_flight",
                 "must be between 1 and 64",
             );
+        }
+        if !(1..=256).contains(&self.nix.max_jobs) {
+            return err("nix.max_jobs", "must be between 1 and 256");
         }
         if !(1..=256).contains(&self.storage.upload_chunk_mib) {
             return err("storage.upload_chunk_mib", "must be between 1 and 256");

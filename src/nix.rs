@@ -43,6 +43,8 @@ pub struct NixOptions {
     pub stalled_download_timeout_secs: u64,
     /// How long a fetched channel tarball is reused before Nix fetches it again.
     pub tarball_ttl_secs: u64,
+    /// Derivations one `nix-store --realise` builds or downloads at once.
+    pub max_jobs: usize,
 }
 
 impl NixOptions {
@@ -59,6 +61,11 @@ impl NixOptions {
             self.stalled_download_timeout_secs.to_string(),
         );
         option("tarball-ttl", self.tarball_ttl_secs.to_string());
+        // A build that finds a path locked by another image's build looks again
+        // after this many seconds (Nix's default is 5, its floor 1): with many new
+        // images over shared dependencies, that wait was most of their answer.
+        option("build-poll-interval", "1".into());
+        option("max-jobs", self.max_jobs.to_string());
         args
     }
 }
@@ -82,6 +89,46 @@ pub fn eval_args(
     optional: &[String],
 ) -> Vec<String> {
     let json = |v: &[String]| serde_json::to_string(v).expect("string lists serialise");
+    let mut args = eval_common_args(expr_file, source, config, system, &json(optional));
+    args.extend([
+        "--argstr".into(),
+        "packages".into(),
+        json(packages),
+        "-A".into(),
+        "info".into(),
+    ]);
+    args
+}
+
+/// `nix-instantiate` arguments that evaluate several images' package lists at once
+/// (the package set imported once); see [`parse_batch`].
+pub fn eval_batch_args(
+    expr_file: &str,
+    source: &SourceArgs,
+    config: &NixpkgsConfig,
+    system: &str,
+    requests: &[Vec<String>],
+    optional: &[String],
+) -> Vec<String> {
+    let optional = serde_json::to_string(optional).expect("string lists serialise");
+    let mut args = eval_common_args(expr_file, source, config, system, &optional);
+    args.extend([
+        "--argstr".into(),
+        "requests".into(),
+        serde_json::to_string(requests).expect("string lists serialise"),
+        "-A".into(),
+        "batch".into(),
+    ]);
+    args
+}
+
+fn eval_common_args(
+    expr_file: &str,
+    source: &SourceArgs,
+    config: &NixpkgsConfig,
+    system: &str,
+    optional_json: &str,
+) -> Vec<String> {
     vec![
         "--eval".into(),
         "--strict".into(),
@@ -105,13 +152,8 @@ pub fn eval_args(
         "system".into(),
         system.into(),
         "--argstr".into(),
-        "packages".into(),
-        json(packages),
-        "--argstr".into(),
         "optional".into(),
-        json(optional),
-        "-A".into(),
-        "info".into(),
+        optional_json.into(),
     ]
 }
 
@@ -152,6 +194,30 @@ impl Evaluation {
 pub fn parse_evaluation(stdout: &[u8]) -> Result<Evaluation, String> {
     serde_json::from_slice(stdout)
         .map_err(|e| format!("unexpected output from nix-instantiate: {e}"))
+}
+
+/// The results of [`eval_batch_args`], in request order: None for a request whose
+/// evaluation threw, to be evaluated alone for its error.
+pub fn parse_batch(stdout: &[u8]) -> Result<Vec<Option<Evaluation>>, String> {
+    #[derive(Deserialize)]
+    struct Tried {
+        ok: bool,
+        info: Option<Evaluation>,
+    }
+    let tried: Vec<Tried> = serde_json::from_slice(stdout)
+        .map_err(|e| format!("unexpected output from nix-instantiate: {e}"))?;
+    Ok(tried
+        .into_iter()
+        .map(|t| if t.ok { t.info } else { None })
+        .collect())
+}
+
+/// Whether a store path is built: it exists and no build holds its lock. Without
+/// a sandbox a builder writes the path in place, so existence alone is not enough;
+/// Nix removes the lock file once the path is registered (one that failed leaves a
+/// lock without the path).
+pub fn path_built(path: &str) -> bool {
+    std::path::Path::new(path).exists() && !std::path::Path::new(&format!("{path}.lock")).exists()
 }
 
 /// `nix-store --realise` arguments: each derivation with just the output we use.
@@ -257,15 +323,48 @@ mod tests {
             connect_timeout_secs: 5,
             stalled_download_timeout_secs: 30,
             tarball_ttl_secs: 60,
+            max_jobs: 4,
         };
         let args = o.args();
         assert_eq!(&args[..3], ["--option", "substituters", ""]);
-        assert!(args
-            .windows(3)
-            .any(|w| w == ["--option", "connect-timeout", "5"]));
+        for (name, value) in [
+            ("connect-timeout", "5"),
+            ("max-jobs", "4"),
+            ("build-poll-interval", "1"),
+        ] {
+            assert!(
+                args.windows(3).any(|w| w == ["--option", name, value]),
+                "{name} {value}: {args:?}"
+            );
+        }
         assert!(is_leaky_env("NIXPKGS_ALLOW_UNFREE"));
         assert!(is_leaky_env("NIX_PATH"));
         assert!(!is_leaky_env("NIX_CONFIG"));
+    }
+
+    #[test]
+    fn batch_args_carry_every_request_as_json_and_parse_in_order() {
+        let source = SourceArgs {
+            src_type: "path",
+            src_args: "/pkgs".into(),
+        };
+        let config = NixpkgsConfig {
+            allow_unfree: false,
+            file: String::new(),
+        };
+        let requests = vec![vec!["hello".to_string()], vec!["a\"b".to_string()]];
+        let args = eval_batch_args("e.nix", &source, &config, "x86_64-linux", &requests, &[]);
+        let i = args.iter().position(|a| a == "requests").unwrap();
+        assert_eq!(args[i + 1], r#"[["hello"],["a\"b"]]"#);
+        assert_eq!(&args[args.len() - 2..], ["-A", "batch"]);
+        assert!(!args.iter().any(|a| a == "packages"));
+
+        let out = br#"[{"ok":true,"info":{"missing":["x"],"notPackages":[],"packages":[]}},{"ok":false}]"#;
+        let parsed = parse_batch(out).unwrap();
+        assert_eq!(parsed.len(), 2);
+        assert_eq!(parsed[0].as_ref().unwrap().missing, ["x"]);
+        assert!(parsed[1].is_none());
+        assert!(parse_batch(b"{}").is_err());
     }
 
     #[test]

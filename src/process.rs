@@ -33,6 +33,9 @@ pub enum RunError {
         secs: u64,
         stderr: Vec<u8>,
     },
+    /// Stopped because the caller's check said it was stuck.
+    #[error("{program} was stuck and was stopped")]
+    Stalled { program: String, stderr: Vec<u8> },
 }
 
 pub fn run(program: &str, args: &[String], timeout: Duration) -> Result<Output, RunError> {
@@ -55,9 +58,21 @@ pub fn run_watching(
 /// Runs a prepared command (arguments and environment set by the caller) as
 /// [`run_watching`] does.
 pub fn run_command(
+    cmd: Command,
+    timeout: Duration,
+    on_stderr_line: impl FnMut(&str) + Send + 'static,
+) -> Result<Output, RunError> {
+    run_command_unless(cmd, timeout, on_stderr_line, |_| false)
+}
+
+/// Runs as [`run_command`], and stops the child as a timeout would when
+/// `stalled(pid)`, asked about once a second, says it is stuck: then the result is
+/// [`RunError::Stalled`].
+pub fn run_command_unless(
     mut cmd: Command,
     timeout: Duration,
     on_stderr_line: impl FnMut(&str) + Send + 'static,
+    mut stalled: impl FnMut(u32) -> bool,
 ) -> Result<Output, RunError> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let program = program.as_str();
@@ -93,10 +108,19 @@ pub fn run_command(
     });
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(2);
+    let mut next_check = Instant::now() + Duration::from_secs(1);
+    let mut stuck = false;
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Some(status),
             Ok(None) if Instant::now() >= deadline => break None,
+            Ok(None) if Instant::now() >= next_check => {
+                next_check = Instant::now() + Duration::from_secs(1);
+                if stalled(child.id()) {
+                    stuck = true;
+                    break None;
+                }
+            }
             Ok(None) => {
                 thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_millis(50));
@@ -116,6 +140,12 @@ pub fn run_command(
         let _ = child.wait();
         let stderr = err.join().unwrap_or_default();
         let _ = out.join();
+        if stuck {
+            return Err(RunError::Stalled {
+                program: program.to_string(),
+                stderr,
+            });
+        }
         return Err(RunError::TimedOut {
             program: program.to_string(),
             secs: timeout.as_secs(),
@@ -140,6 +170,14 @@ fn signal_group(pid: u32, signal: i32) {
     unsafe {
         libc::kill(-(pid as i32), signal);
     }
+}
+
+/// Whether a process has child processes right now (true when it cannot be told, so nothing is
+/// stopped on a guess).
+pub fn has_children(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .map(|c| !c.trim().is_empty())
+        .unwrap_or(true)
 }
 
 #[cfg(test)]

@@ -29,6 +29,19 @@ pub struct Evaluate {
     pub optional: Vec<String>,
 }
 
+/// Resolve several images' packages in one evaluation of the package set; each
+/// result is None where that image's evaluation threw.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Option<Evaluation>>, BuildError>")]
+pub struct EvaluateBatch {
+    /// The images, for the server log.
+    pub label: String,
+    pub source: SourceArgs,
+    pub system: &'static str,
+    pub requests: Vec<Vec<String>>,
+    pub optional: Vec<String>,
+}
+
 /// Build (or substitute) the evaluated packages and read their runtime closure.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<StorePathInfo>, BuildError>")]
@@ -43,6 +56,56 @@ pub struct Realise {
     /// Who takes this job: the worker that starts it, or the caller that stopped
     /// waiting for it in the queue.
     pub claim: Claim,
+}
+
+/// How long a `nix-store --realise` may wait for a lock with no builder of its own
+/// running before it is started again. Nix 2.8 processes realising overlapping
+/// closures at the same time can each hold output locks the others wait for, and
+/// then none of them moves until it is stopped: seen with eight at once over a
+/// shared dependency graph (`scripts/bench`), every one of them silent behind
+/// "waiting for lock on …" until the build timeout. Stopping one releases its
+/// locks; a process that only waits behind another's long build loses nothing but
+/// its restart.
+const LOCK_STALL: Duration = Duration::from_secs(10);
+
+/// What a realisation's output says about lock waits.
+#[derive(Clone)]
+struct LockWait(Arc<std::sync::Mutex<LockWaitState>>);
+
+struct LockWaitState {
+    /// Paths Nix said it waits to lock.
+    waited: Vec<String>,
+    last_line: Instant,
+}
+
+impl Default for LockWait {
+    fn default() -> Self {
+        LockWait(Arc::new(std::sync::Mutex::new(LockWaitState {
+            waited: Vec::new(),
+            last_line: Instant::now(),
+        })))
+    }
+}
+
+impl LockWait {
+    fn observe(&self, line: &str) {
+        let mut state = self.0.lock().expect("lock wait");
+        state.last_line = Instant::now();
+        if let Some(rest) = line.trim_start().strip_prefix("waiting for lock on '") {
+            if let Some((path, _)) = rest.split_once('\'') {
+                state.waited.push(path.to_string());
+            }
+        }
+    }
+
+    /// Silent for [`LOCK_STALL`], no builder running, and a path it waits for not
+    /// built yet. (One silent while it downloads has its locks: not stuck.)
+    fn stuck(&self, pid: u32) -> bool {
+        let state = self.0.lock().expect("lock wait");
+        state.last_line.elapsed() >= LOCK_STALL
+            && state.waited.iter().any(|p| !nix::path_built(p))
+            && !process::has_children(pid)
+    }
 }
 
 /// A queued job is taken once: by the worker that starts it, or by its caller
@@ -204,6 +267,13 @@ impl NixWorker {
                     Failure::Failed(text) => failed(text),
                 }
             }
+            RunError::Stalled { program, stderr } => {
+                log::warn!(
+                    "build {label}: {program} was stuck waiting for a lock; its output:\n{}",
+                    nix::errors::sanitise(&stderr).trim_end()
+                );
+                failed("Nix was stuck waiting for a lock".into())
+            }
             RunError::TimedOut {
                 secs,
                 stderr,
@@ -253,6 +323,32 @@ impl Handler<Evaluate> for NixWorker {
     }
 }
 
+impl Handler<EvaluateBatch> for NixWorker {
+    type Result = Result<Vec<Option<Evaluation>>, BuildError>;
+
+    fn handle(&mut self, msg: EvaluateBatch, _: &mut Self::Context) -> Self::Result {
+        let args = nix::eval_batch_args(
+            &self.expr_file,
+            &msg.source,
+            &self.config,
+            msg.system,
+            &msg.requests,
+            &msg.optional,
+        );
+        let cmd = self.command("nix-instantiate", &args);
+        let out = process::run_command(cmd, self.eval_timeout, |_| {}).map_err(|e| {
+            self.run_error(
+                e,
+                &msg.label,
+                msg.system,
+                "Nix evaluation",
+                BuildError::EvalFailed,
+            )
+        })?;
+        nix::parse_batch(&out.stdout).map_err(BuildError::Internal)
+    }
+}
+
 impl Handler<Realise> for NixWorker {
     type Result = Result<Vec<StorePathInfo>, BuildError>;
 
@@ -266,31 +362,56 @@ impl Handler<Realise> for NixWorker {
             return Ok(Vec::new());
         }
         let timeout = self.build_timeout;
-        let mut progress = nix::RealiseProgress::default();
-        let report = msg.progress;
-        process::run_command(
-            self.command(
-                "nix-store",
-                &nix::realise_args(&msg.evaluation, timeout.as_secs()),
-            ),
-            timeout,
-            move |line| {
-                if progress.observe(line) {
-                    if let Some(phase) = progress.describe() {
-                        report(phase);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut progress = nix::RealiseProgress::default();
+            let report = msg.progress.clone();
+            let lock_wait = LockWait::default();
+            let seen = lock_wait.clone();
+            let ran = process::run_command_unless(
+                self.command(
+                    "nix-store",
+                    &nix::realise_args(&msg.evaluation, timeout.as_secs()),
+                ),
+                left,
+                move |line| {
+                    seen.observe(line);
+                    if progress.observe(line) {
+                        if let Some(phase) = progress.describe() {
+                            report(phase);
+                        }
                     }
+                },
+                |pid| lock_wait.stuck(pid),
+            );
+            let e = match ran {
+                Ok(_) => break,
+                Err(RunError::Stalled { stderr, .. }) if Instant::now() < deadline => {
+                    log::warn!(
+                        "build {}: nix-store waited {} s for a lock with nothing building, \
+                         as processes holding each other's locks do; starting it again",
+                        msg.label,
+                        LOCK_STALL.as_secs()
+                    );
+                    log::debug!("its output:\n{}", nix::errors::sanitise(&stderr).trim_end());
+                    continue;
                 }
-            },
-        )
-        .map_err(|e| {
-            self.run_error(
+                Err(RunError::Stalled { program, stderr }) => RunError::TimedOut {
+                    program,
+                    secs: timeout.as_secs(),
+                    stderr,
+                },
+                Err(e) => e,
+            };
+            return Err(self.run_error(
                 e,
                 &msg.label,
                 msg.system,
                 "Nix build",
                 BuildError::BuildFailed,
-            )
-        })?;
+            ));
+        }
         let mut query = vec!["--query".to_string(), "--requisites".to_string()];
         query.extend(outputs);
         let closure = String::from_utf8(self.nix_store(&query, &msg.label)?)

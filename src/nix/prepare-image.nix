@@ -6,7 +6,13 @@
 # request is spliced into Nix code. Realising the derivations and reading the closure
 # graph is left to `nix-store`, so this file needs nothing from the package set but
 # the packages themselves.
-{ srcType, srcArgs, system, packages, optional ? "[]", allowUnfree ? "false", nixpkgsConfig ? "" }:
+#
+# `batch` does the same for many requests at once (`requests`, a JSON list of name
+# lists), so that the package set is imported once for all of them: each request's
+# result is `{ ok = true; info = …; }`, or `{ ok = false; }` where evaluating it
+# threw (an unfree or broken package), for the caller to evaluate that one alone
+# and read its error.
+{ srcType, srcArgs, system, packages ? "[]", requests ? "[]", optional ? "[]", allowUnfree ? "false", nixpkgsConfig ? "" }:
 
 let
   inherit (builtins)
@@ -65,12 +71,8 @@ let
   isDerivation = v: isAttrs v && (v.type or null) == "derivation";
 
   resolve = name: { inherit name; value = resolvePath pkgs (components name); };
-  resolved = map resolve (fromJSON packages);
   # Optional packages (cacert, iana-etc) join the image only where the set has them.
   optionals = filter (r: r.value != null && isDerivation r.value) (map resolve (fromJSON optional));
-
-  missing = map (r: r.name) (filter (r: r.value == null) resolved);
-  notPackages = map (r: r.name) (filter (r: r.value != null && !(isDerivation r.value)) resolved);
 
   # meta is read for the SBOM only; a package whose meta does not evaluate still builds.
   metaOf = v: let m = builtins.tryEval (v.meta or { }); in if m.success && isAttrs m.value then m.value else { };
@@ -101,9 +103,22 @@ let
     licenses = licensesOf r.value;
     homepage = homepageOf r.value;
   };
-in
-{
-  info =
+  infoOf = names:
+    let
+      resolved = map resolve names;
+      missing = map (r: r.name) (filter (r: r.value == null) resolved);
+      notPackages = map (r: r.name) (filter (r: r.value != null && !(isDerivation r.value)) resolved);
+    in
     if missing != [ ] || notPackages != [ ] then { inherit missing notPackages; packages = [ ]; }
     else { missing = [ ]; notPackages = [ ]; packages = map describe (resolved ++ optionals); };
+
+  tried = names:
+    let
+      info = infoOf names;
+      r = builtins.tryEval (builtins.deepSeq info info);
+    in if r.success then { ok = true; info = r.value; } else { ok = false; };
+in
+{
+  info = infoOf (fromJSON packages);
+  batch = map tried (fromJSON requests);
 }

@@ -11,6 +11,7 @@
 //! fake Nix and in-memory storage. Deduplication of whole builds, the queue and the
 //! failure cache belong to the coordinator, not here.
 
+mod eval_queue;
 #[cfg(test)]
 pub(crate) mod fake;
 mod records;
@@ -38,6 +39,7 @@ use crate::state::SharedState;
 use crate::storage::{RecordKind, Storage};
 use actix::prelude::*;
 use bytes::Bytes;
+use eval_queue::EvalQueue;
 use futures::future::BoxFuture;
 use records::LayerRecord;
 use std::collections::HashMap;
@@ -65,18 +67,37 @@ pub trait NixRunner: Send + Sync + 'static {
 /// its closure, which the evaluation workers do.
 pub struct NixPools {
     pub evaluate: Addr<NixWorker>,
+    /// In front of `evaluate`: evaluations that queue are batched.
+    eval_queue: Arc<EvalQueue>,
     pub realise: Addr<NixWorker>,
     pub pack: Addr<NixWorker>,
 }
 
+impl NixPools {
+    /// `evaluators` is the number of workers in the `evaluate` pool.
+    pub fn new(
+        evaluate: Addr<NixWorker>,
+        evaluators: usize,
+        realise: Addr<NixWorker>,
+        pack: Addr<NixWorker>,
+    ) -> Self {
+        NixPools {
+            eval_queue: EvalQueue::new(evaluate.clone(), evaluators),
+            evaluate,
+            realise,
+            pack,
+        }
+    }
+}
+
 impl NixRunner for NixPools {
     fn evaluate(&self, job: Evaluate) -> BoxFuture<'static, Result<Evaluation, BuildError>> {
-        self.evaluate.evaluate(job)
+        self.eval_queue.evaluate(job)
     }
 
     fn realise(&self, job: Realise) -> BoxFuture<'static, Result<Vec<StorePathInfo>, BuildError>> {
         let outputs = job.evaluation.output_paths();
-        let present = move || outputs.iter().all(|p| built(p));
+        let present = move || outputs.iter().all(|p| crate::nix::path_built(p));
         if present() {
             return self.evaluate.realise(job);
         }
@@ -104,14 +125,6 @@ impl NixRunner for NixPools {
     fn pack(&self, job: Pack) -> BoxFuture<'static, Result<PackedLayer, BuildError>> {
         self.pack.pack(job)
     }
-}
-
-/// Whether a store path is built: it exists and no build holds its lock. Without
-/// a sandbox a builder writes the path in place, so existence alone is not enough;
-/// Nix removes the lock file once the path is registered (one that failed leaves a
-/// lock without the path).
-fn built(path: &str) -> bool {
-    std::path::Path::new(path).exists() && !std::path::Path::new(&format!("{path}.lock")).exists()
 }
 
 /// One NixWorker pool: each job waits for a free worker.
