@@ -102,3 +102,67 @@ fn a_build_stuck_behind_a_lock_with_nothing_building_is_started_again() {
     );
     assert!(took >= Duration::from_secs(10), "answered in {took:?}");
 }
+
+#[test]
+fn evaluations_that_queue_are_batched_and_a_refusal_is_still_its_own() {
+    // One evaluation worker: requests arriving together queue, and the next
+    // evaluation takes them all.
+    let server = Server::start(&[("NIXERY_NIX__EVAL_WORKERS", "1")]);
+    let alone = Server::start(&[(
+        "NIXERY_PKGS_PATH",
+        server.pkgs_path().to_str().expect("utf-8 path"),
+    )]);
+    let (status, refused_alone) = get(&alone, "unfreeapp");
+    assert_eq!(status, 400, "{refused_alone}");
+
+    let names = [
+        "hello",
+        "cowsay",
+        "unfreeapp",
+        "hello/cowsay",
+        "coreutils",
+        "nano",
+        "hello/nano",
+        "moreutils",
+    ];
+    // hello first: the others, unfreeapp among them, queue behind its evaluation.
+    let answers: Vec<_> = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let url = server.url(&format!("/v2/{name}/manifests/latest"));
+            if i == 1 {
+                thread::sleep(Duration::from_millis(20));
+            }
+            thread::spawn(move || {
+                http_request("GET", &url, &[("Accept", DOCKER)], Duration::from_secs(180))
+                    .map(|(status, _, body)| (status, String::from_utf8_lossy(&body).into_owned()))
+            })
+        })
+        .collect();
+    for (name, answer) in names.iter().zip(answers) {
+        let (status, body) = answer
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        if *name == "unfreeapp" {
+            // The same refusal as when it was evaluated alone.
+            assert_eq!((status, body.as_str()), (400, refused_alone.as_str()));
+        } else {
+            assert_eq!(status, 200, "{name}: {body}");
+        }
+    }
+    let log = server.log();
+    let batched: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("images in one nix-instantiate"))
+        .collect();
+    assert!(
+        !batched.is_empty(),
+        "no evaluation took more than one request:\n{log}"
+    );
+    assert!(
+        batched.iter().any(|l| l.contains("1 to evaluate alone")),
+        "unfreeapp was not evaluated alone after its batch: {batched:?}"
+    );
+}

@@ -125,9 +125,10 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     let nix_pools = {
         let (e, r, p) = (worker.clone(), worker.clone(), worker);
         let cpus = settings.cpu_workers();
+        let evaluators = settings.eval_workers();
         NixPools::new(
-            SyncArbiter::start(cpus, move || e.clone()),
-            cpus,
+            SyncArbiter::start(evaluators, move || e.clone()),
+            evaluators,
             SyncArbiter::start(workers, move || r.clone()),
             SyncArbiter::start(cpus, move || p.clone()),
         )

@@ -115,6 +115,7 @@ pub struct NixSettings {
     pub timeout_secs: u64,
     pub eval_timeout_secs: u64,
     pub workers: usize,
+    pub eval_workers: usize,
     pub max_jobs: usize,
     pub queue_limit: usize,
     pub failure_cache_secs: u64,
@@ -401,9 +402,18 @@ impl Settings {
         }
     }
 
-    /// Evaluations, and layers packed, at once: one per CPU, as both use one.
+    /// Layers packed at once: one per CPU, as packing uses one.
     pub fn cpu_workers(&self) -> usize {
         cpus()
+    }
+
+    /// Evaluations at once: `nix.eval_workers`, or one per CPU.
+    pub fn eval_workers(&self) -> usize {
+        if self.nix.eval_workers == 0 {
+            cpus()
+        } else {
+            self.nix.eval_workers
+        }
     }
 }
 
