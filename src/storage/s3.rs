@@ -2,8 +2,8 @@
 //!
 //! Layers stream into the bucket while they are compressed, as with GCS: the
 //! packer's chunks go into a multipart upload under `staging/` at once (parts of
-//! at least 5 MiB, the smallest S3 accepts; one part is in flight while the next
-//! fills). A layer's digest, and so its name, is known only when packing ends, so
+//! at least 5 MiB, the smallest S3 accepts; `storage.upload_chunks_in_flight` parts
+//! are in flight while the next fills). A layer's digest, and so its name, is known only when packing ends, so
 //! the completed staging object is checked (its size against what the packer
 //! counted), copied inside the bucket to `blobs/sha256/<hex>` only if nothing is
 //! there yet, and deleted. Readers therefore only ever see complete blobs under
@@ -59,8 +59,6 @@ const OPEN_DEADLINE: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Uploads slower than this are considered stalled and retried.
 const MIN_UPLOAD_BYTES_PER_SEC: u64 = 256 << 10;
-/// Parts of one layer in flight while the next part fills.
-const PARTS_IN_FLIGHT: usize = 1;
 
 pub struct S3Storage {
     store: Arc<AmazonS3>,
@@ -71,6 +69,8 @@ pub struct S3Storage {
     chunk: usize,
     /// Bytes per part of a multipart upload.
     part: usize,
+    /// Parts of one layer uploading at once while the next part fills.
+    in_flight: usize,
     uploads: AtomicU64,
     /// Leases this process holds right now (see `Storage::acquire_lease`).
     pub(crate) held_leases: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -205,10 +205,11 @@ impl S3Storage {
         storage.check_bucket().await?;
         storage.sweep_leftovers().await;
         log::info!(
-            "storage: s3 bucket {} at {}, layers streamed in {} MiB parts",
+            "storage: s3 bucket {} at {}, layers streamed in {} MiB parts, {} at once",
             storage.bucket,
             storage.target,
-            storage.part >> 20
+            storage.part >> 20,
+            storage.in_flight
         );
         Ok(storage)
     }
@@ -282,6 +283,7 @@ impl S3Storage {
             target,
             chunk,
             part,
+            in_flight: settings.upload_chunks_in_flight,
             uploads: AtomicU64::new(0),
             held_leases: Default::default(),
         })
@@ -380,9 +382,9 @@ impl S3Storage {
                 Piece::Chunk(bytes) => {
                     sent += bytes.len() as u64;
                     writer.put(bytes);
-                    // At most PARTS_IN_FLIGHT parts uploading while the packer fills
+                    // At most `in_flight` parts uploading while the packer fills
                     // the next chunk; a failed part ends the stream here.
-                    if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT + 1).await {
+                    if let Err(e) = writer.wait_for_capacity(self.in_flight).await {
                         let _ = writer.abort().await;
                         return Err(io("upload", staging, e));
                     }
