@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use common::{
     assert_no_work, assert_streamed_while_packed, fresh_pkgs_copy, http_get, http_head,
-    http_request, largest_layer, metric, pull_and_run, random_hex, require_fake_gcs, require_root,
-    require_tool, run_with_timeout, sha256_digest, skopeo_copy, Containerd, FakeGcs, Server, Work,
+    http_request, kill_when, largest_layer, metric, pull_and_run, random_hex, require_fake_gcs,
+    require_root, require_tool, run_with_timeout, sha256_digest, skopeo_copy, Containerd, FakeGcs,
+    Server, Work,
 };
 
 const BUCKET: &str = "layers";
@@ -620,36 +621,15 @@ fn a_server_killed_mid_upload_leaves_no_blob_under_a_digest_name() {
     for attempt in 0..6 {
         let gcs = FakeGcs::start(&[BUCKET]);
         let mut server = start_server(&gcs, &one_part_at_a_time);
-        let url = server.url("/v2/noise/manifests/latest");
-        // The answer is a broken connection once the server is killed.
-        let pending = thread::spawn(move || {
-            http_request(
-                "GET",
-                &url,
-                &[("Accept", DOCKER_V2S2)],
-                Duration::from_secs(180),
-            )
-        });
-        let deadline = Instant::now() + Duration::from_secs(120);
         let mut parts = Vec::new();
-        while !pending.is_finished() && Instant::now() < deadline {
+        let killed = kill_when(&mut server, "noise", || {
             parts = bucket_objects(&gcs, "staging/");
-            if !parts.is_empty() {
-                break;
-            }
-            thread::sleep(Duration::from_millis(2));
-        }
-        if parts.is_empty() {
+            !parts.is_empty()
+        });
+        if !killed {
             eprintln!("attempt {attempt}: the upload finished before a part was seen");
-            let _ = pending.join();
             continue;
         }
-        let pid = server.pid().expect("server pid");
-        unsafe {
-            libc::kill(pid as i32, libc::SIGKILL);
-        }
-        let _ = pending.join();
-        let _ = server.stop();
         eprintln!("attempt {attempt}: killed with parts {parts:?} in the bucket");
         caught = Some((gcs, server));
         break;

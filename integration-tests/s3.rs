@@ -17,7 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    assert_no_work, assert_streamed_while_packed, http_get, http_head, http_request, largest_layer,
+    assert_no_work, assert_streamed_while_packed, http_get, http_head, kill_when, largest_layer,
     pull_and_run, random_hex, require_moto, require_root, require_tool, required_metric,
     run_with_timeout, sha256_digest, skopeo_copy, MotoS3, Server, Work, MOTO_AUTHORIZATION,
 };
@@ -388,36 +388,10 @@ fn a_server_killed_mid_upload_leaves_no_blob_under_a_digest_name() {
         let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         env.push(("NIXERY_STORAGE__UPLOAD_CHUNK_MIB", "1"));
         let mut server = Server::start(&env);
-        let url = server.url("/v2/noise/manifests/latest");
-        // The answer is a broken connection once the server is killed.
-        let pending = thread::spawn(move || {
-            http_request(
-                "GET",
-                &url,
-                &[("Accept", DOCKER_V2S2)],
-                Duration::from_secs(180),
-            )
-        });
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut open = 0;
-        while !pending.is_finished() && Instant::now() < deadline {
-            open = open_uploads(&moto);
-            if open > 0 {
-                break;
-            }
-            thread::sleep(Duration::from_millis(5));
-        }
-        if open == 0 {
+        if !kill_when(&mut server, "noise", || open_uploads(&moto) > 0) {
             eprintln!("attempt {attempt}: the upload finished before it was seen open");
-            let _ = pending.join();
             continue;
         }
-        let pid = server.pid().expect("server pid");
-        unsafe {
-            libc::kill(pid as i32, libc::SIGKILL);
-        }
-        let _ = pending.join();
-        let _ = server.stop();
         caught = Some((moto, server));
         break;
     }

@@ -371,6 +371,44 @@ pub fn assert_streamed_while_packed(log: &str, digest: &str, size: u64) {
     );
 }
 
+/// Asks `server` for the Docker manifest of `name:latest` and kills the server
+/// (SIGKILL) as soon as `seen()` holds while the answer is pending, as a crash
+/// mid-build would; false when the answer came first.
+pub fn kill_when(server: &mut Server, name: &str, mut seen: impl FnMut() -> bool) -> bool {
+    let url = server.url(&format!("/v2/{name}/manifests/latest"));
+    // The answer is a broken connection once the server is killed.
+    let pending = thread::spawn(move || {
+        http_request(
+            "GET",
+            &url,
+            &[(
+                "Accept",
+                "application/vnd.docker.distribution.manifest.v2+json",
+            )],
+            Duration::from_secs(180),
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut caught = false;
+    while !caught && !pending.is_finished() && Instant::now() < deadline {
+        caught = seen();
+        if !caught {
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+    if caught {
+        let pid = server.pid().expect("server pid");
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
+    let _ = pending.join();
+    if caught {
+        let _ = server.stop();
+    }
+    caught
+}
+
 /// `skopeo copy docker://ADDR/NAME:latest oci:LAYOUT:latest`.
 pub fn skopeo_copy(addr: &str, name: &str, layout: &Path) {
     run_ok(cimage_command("skopeo").args([

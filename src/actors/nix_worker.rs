@@ -218,6 +218,19 @@ impl NixWorker {
         cmd
     }
 
+    /// Runs `nix-instantiate` within the evaluation limit; its stdout.
+    fn instantiate(
+        &self,
+        args: &[String],
+        label: &str,
+        system: &str,
+    ) -> Result<Vec<u8>, BuildError> {
+        let cmd = self.command("nix-instantiate", args);
+        process::run_command(cmd, self.eval_timeout, |_| {})
+            .map(|o| o.stdout)
+            .map_err(|e| self.run_error(e, label, system, "Nix evaluation", BuildError::EvalFailed))
+    }
+
     fn nix_store(&self, args: &[String], label: &str) -> Result<Vec<u8>, BuildError> {
         process::run_command(self.command("nix-store", args), self.build_timeout, |_| {})
             .map(|o| o.stdout)
@@ -309,17 +322,8 @@ impl Handler<Evaluate> for NixWorker {
             &msg.packages,
             &msg.optional,
         );
-        let cmd = self.command("nix-instantiate", &args);
-        let out = process::run_command(cmd, self.eval_timeout, |_| {}).map_err(|e| {
-            self.run_error(
-                e,
-                &msg.label,
-                msg.system,
-                "Nix evaluation",
-                BuildError::EvalFailed,
-            )
-        })?;
-        nix::parse_evaluation(&out.stdout).map_err(BuildError::Internal)
+        let out = self.instantiate(&args, &msg.label, msg.system)?;
+        nix::parse_evaluation(&out).map_err(BuildError::Internal)
     }
 }
 
@@ -335,17 +339,8 @@ impl Handler<EvaluateBatch> for NixWorker {
             &msg.requests,
             &msg.optional,
         );
-        let cmd = self.command("nix-instantiate", &args);
-        let out = process::run_command(cmd, self.eval_timeout, |_| {}).map_err(|e| {
-            self.run_error(
-                e,
-                &msg.label,
-                msg.system,
-                "Nix evaluation",
-                BuildError::EvalFailed,
-            )
-        })?;
-        nix::parse_batch(&out.stdout).map_err(BuildError::Internal)
+        let out = self.instantiate(&args, &msg.label, msg.system)?;
+        nix::parse_batch(&out).map_err(BuildError::Internal)
     }
 }
 
