@@ -371,6 +371,18 @@ pub fn assert_streamed_while_packed(log: &str, digest: &str, size: u64) {
     );
 }
 
+/// The layer a killed server was uploading (the largest of the image it then
+/// built) is not among the objects it `left` under digest names.
+pub fn assert_killed_upload_unpublished(left: &[String], manifest: &serde_json::Value) {
+    let (largest, _) = largest_layer(manifest);
+    assert!(
+        !left
+            .iter()
+            .any(|k| k.ends_with(largest.trim_start_matches("sha256:"))),
+        "the layer being uploaded at the kill was already published"
+    );
+}
+
 /// Asks `server` for the Docker manifest of `name:latest` and kills the server
 /// (SIGKILL) as soon as `seen()` holds while the answer is pending, as a crash
 /// mid-build would; false when the answer came first.
