@@ -261,8 +261,8 @@ impl Settings {
                 "must be between 1 and 64",
             );
         }
-        if !(1..=256).contains(&self.nix.max_jobs) {
-            return err("nix.max_jobs", "must be between 1 and 256");
+        if self.nix.max_jobs > 256 {
+            return err("nix.max_jobs", "must be at most 256");
         }
         if !(1..=256).contains(&self.storage.upload_chunk_mib) {
             return err("storage.upload_chunk_mib", "must be between 1 and 256");
