@@ -30,8 +30,22 @@ use common::{error_of, http_get, http_request, sha256_digest, Headers, NixWrappe
 
 /// Queries over the shared counting wrappers that only these tests need.
 impl NixWrappers {
-    fn instantiations(&self) -> usize {
-        self.count("nix-instantiate")
+    /// Images evaluated: one per `-A info` call of nix-instantiate, one per request
+    /// of a `-A batch` call (requests that queue are evaluated together).
+    fn evaluations(&self) -> usize {
+        self.calls()
+            .into_iter()
+            .filter(|(_, p, _)| p == "nix-instantiate")
+            .map(|(_, _, args)| {
+                let mut words = args.split_whitespace();
+                match words.find(|w| *w == "requests").and_then(|_| words.next()) {
+                    Some(json) => serde_json::from_str::<Vec<serde_json::Value>>(json)
+                        .map(|requests| requests.len())
+                        .unwrap_or_else(|e| panic!("requests {json}: {e}")),
+                    None => 1,
+                }
+            })
+            .sum()
     }
 
     fn realisations(&self) -> usize {
@@ -414,11 +428,11 @@ fn concurrent_requests_for_one_image_share_one_build() {
         }
     }
     let realise = nix.realisations();
-    let instantiate = nix.instantiations();
+    let instantiate = nix.evaluations();
     let started_builds = server.log().matches("]: started").count();
     eprintln!(
         "{N} concurrent manifest requests: {} answered 200, {} errors, digests {digests:?}, \
-         {instantiate} nix-instantiate, {realise} nix-store --realise, {started_builds} builds started",
+         {instantiate} evaluations, {realise} nix-store --realise, {started_builds} builds started",
         digests.values().sum::<usize>(),
         errors.len()
     );
@@ -439,7 +453,7 @@ fn concurrent_requests_for_one_image_share_one_build() {
     assert_eq!(
         instantiate,
         1,
-        "nix-instantiate runs; Nix calls:\n{}",
+        "images evaluated; Nix calls:\n{}",
         nix.log_text()
     );
     assert_eq!(started_builds, 1, "builds started (server log)");
@@ -520,7 +534,7 @@ fn different_images_build_concurrently() {
         nix.log_text()
     );
     assert_eq!(
-        nix.instantiations(),
+        nix.evaluations(),
         names.len(),
         "Nix calls:\n{}",
         nix.log_text()
@@ -661,7 +675,7 @@ fn failed_build_is_shared_cached_and_missing_packages_are_named() {
         "the builder's message is missing: {message}"
     );
     assert_eq!(nix.realisations(), 1, "Nix calls:\n{}", nix.log_text());
-    assert_eq!(nix.instantiations(), 1, "Nix calls:\n{}", nix.log_text());
+    assert_eq!(nix.evaluations(), 1, "Nix calls:\n{}", nix.log_text());
 
     // Within the failure cache window: same answer, no Nix.
     let before = nix.total();

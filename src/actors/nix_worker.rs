@@ -392,7 +392,11 @@ impl Handler<Realise> for NixWorker {
                     log::debug!("its output:\n{}", nix::errors::sanitise(&stderr).trim_end());
                     continue;
                 }
-                Err(RunError::Stalled { program, stderr }) => RunError::TimedOut {
+                // What is left of the limit after restarts is not the limit.
+                Err(RunError::Stalled { program, stderr })
+                | Err(RunError::TimedOut {
+                    program, stderr, ..
+                }) => RunError::TimedOut {
                     program,
                     secs: timeout.as_secs(),
                     stderr,
