@@ -466,18 +466,9 @@ impl GcsStorage {
     ) -> Result<(usize, u64), OpError> {
         let len = bytes.len() as u64;
         let crc = crc32c::update(0, &bytes);
-        let req = UploadObjectRequest {
-            bucket: self.bucket.clone(),
-            ..Default::default()
-        };
-        let media = UploadType::Simple(self.media(&name, "application/octet-stream", len));
-        let object = retry("upload", &name, upload_timeout(len), || async {
-            Ok(self
-                .client
-                .upload_object(&req, bytes.clone(), &media)
-                .await?)
-        })
-        .await?;
+        let object = self
+            .upload_bytes(&name, bytes, "application/octet-stream")
+            .await?;
         check_arrived(&object, len, crc)?;
         Ok((index, len))
     }
@@ -497,44 +488,41 @@ impl GcsStorage {
     ) -> Result<Put, StorageError> {
         let target = blob_object(digest);
         let mut made = parts.clone();
-        let mut sources = parts;
-        let mut round = 0;
-        while sources.len() > COMPOSE_MAX {
-            round += 1;
-            let groups: Vec<(String, Vec<String>)> = sources
-                .chunks(COMPOSE_MAX)
-                .enumerate()
-                .map(|(i, group)| (format!("{staging}.r{round}.{i:05}"), group.to_vec()))
-                .collect();
-            let composed =
-                futures::future::join_all(groups.iter().map(|(name, group)| {
+        let created = async {
+            let mut sources = parts;
+            let mut round = 0;
+            while sources.len() > COMPOSE_MAX {
+                round += 1;
+                let groups: Vec<(String, Vec<String>)> = sources
+                    .chunks(COMPOSE_MAX)
+                    .enumerate()
+                    .map(|(i, group)| (format!("{staging}.r{round}.{i:05}"), group.to_vec()))
+                    .collect();
+                let composed = futures::future::join_all(groups.iter().map(|(name, group)| {
                     self.compose(name, group, None, "application/octet-stream")
                 }))
                 .await;
-            sources = groups.into_iter().map(|(name, _)| name).collect();
-            made.extend(sources.iter().cloned());
-            if let Some(e) = composed.into_iter().find_map(Result::err) {
-                self.discard_objects(made);
-                return Err(StorageError::io("compose", staging, e));
-            }
-        }
-        // The precondition alone would do on GCS; fake-gcs-server ignores it on
-        // composes, and asking first keeps a blob another replica published from
-        // being rewritten there too.
-        let created = if self.blob_size(digest).await?.is_some() {
-            None
-        } else {
-            match self.compose(&target, &sources, Some(0), media_type).await {
-                Ok(object) => Some(object),
-                Err(e) if e.kind() == Kind::Exists => None,
-                Err(e) => {
-                    self.discard_objects(made);
-                    return Err(StorageError::io("compose", target, e));
+                sources = groups.into_iter().map(|(name, _)| name).collect();
+                made.extend(sources.iter().cloned());
+                if let Some(e) = composed.into_iter().find_map(Result::err) {
+                    return Err(StorageError::io("compose", staging, e));
                 }
             }
-        };
+            // The precondition alone would do on GCS; fake-gcs-server ignores it on
+            // composes, and asking first keeps a blob another replica published from
+            // being rewritten there too.
+            if self.blob_size(digest).await?.is_some() {
+                return Ok(None);
+            }
+            match self.compose(&target, &sources, Some(0), media_type).await {
+                Ok(object) => Ok(Some(object)),
+                Err(e) if e.kind() == Kind::Exists => Ok(None),
+                Err(e) => Err(StorageError::io("compose", &target, e)),
+            }
+        }
+        .await;
         self.discard_objects(made);
-        let Some(object) = created else {
+        let Some(object) = created? else {
             return Ok(Put {
                 uploaded: false,
                 bytes: size,
@@ -603,16 +591,7 @@ impl GcsStorage {
     fn discard_objects(&self, objects: Vec<String>) {
         let client = self.client.clone();
         let bucket = self.bucket.clone();
-        tokio::spawn(async move {
-            for object in objects {
-                let req = DeleteObjectRequest {
-                    bucket: bucket.clone(),
-                    object,
-                    ..Default::default()
-                };
-                let _ = tokio::time::timeout(REQUEST_TIMEOUT, client.delete_object(&req)).await;
-            }
-        });
+        tokio::spawn(async move { delete_each(&client, &bucket, objects).await });
     }
 
     /// Deletes, in the background, the parts a failed stream left under `staging`.
@@ -631,14 +610,8 @@ impl GcsStorage {
             else {
                 return;
             };
-            for o in listed.items.unwrap_or_default() {
-                let req = DeleteObjectRequest {
-                    bucket: bucket.clone(),
-                    object: o.name,
-                    ..Default::default()
-                };
-                let _ = tokio::time::timeout(REQUEST_TIMEOUT, client.delete_object(&req)).await;
-            }
+            let names = listed.items.unwrap_or_default().into_iter().map(|o| o.name);
+            delete_each(&client, &bucket, names.collect()).await;
         });
     }
 
@@ -801,15 +774,17 @@ impl GcsStorage {
     ) -> Result<(), StorageError> {
         self.upload_bytes(object, bytes, content_type)
             .await
+            .map(drop)
             .map_err(|e| StorageError::io("write", object, e))
     }
 
+    /// Writes (or replaces) an object; what the bucket says it holds.
     async fn upload_bytes(
         &self,
         object: &str,
         bytes: Bytes,
         content_type: &str,
-    ) -> Result<(), OpError> {
+    ) -> Result<Object, OpError> {
         let req = UploadObjectRequest {
             bucket: self.bucket.clone(),
             ..Default::default()
@@ -823,7 +798,6 @@ impl GcsStorage {
                 .await?)
         })
         .await
-        .map(|_| ())
     }
 
     async fn create_bytes(
@@ -897,6 +871,19 @@ impl GcsStorage {
             content_type: content_type.to_string().into(),
             content_length: Some(size),
         }
+    }
+}
+
+/// Deletes objects one after the other, each within the request deadline, best
+/// effort: for cleanup nobody waits for.
+async fn delete_each(client: &Client, bucket: &str, objects: Vec<String>) {
+    for object in objects {
+        let req = DeleteObjectRequest {
+            bucket: bucket.to_string(),
+            object,
+            ..Default::default()
+        };
+        let _ = tokio::time::timeout(REQUEST_TIMEOUT, client.delete_object(&req)).await;
     }
 }
 
