@@ -280,13 +280,18 @@ impl NixWorker {
                     Failure::Failed(text) => failed(text),
                 }
             }
-            RunError::Stalled { program, stderr } => {
-                log::warn!(
-                    "build {label}: {program} was stuck waiting for a lock; its output:\n{}",
-                    nix::errors::sanitise(&stderr).trim_end()
-                );
-                failed("Nix was stuck waiting for a lock".into())
-            }
+            // Stopped stuck with no time left for another try: out of time.
+            RunError::Stalled { program, stderr } => self.run_error(
+                RunError::TimedOut {
+                    program,
+                    secs: self.build_timeout.as_secs(),
+                    stderr,
+                },
+                label,
+                system,
+                what,
+                failed,
+            ),
             RunError::TimedOut {
                 secs,
                 stderr,
@@ -393,8 +398,7 @@ impl Handler<Realise> for NixWorker {
                     continue;
                 }
                 // What is left of the limit after restarts is not the limit.
-                Err(RunError::Stalled { program, stderr })
-                | Err(RunError::TimedOut {
+                Err(RunError::TimedOut {
                     program, stderr, ..
                 }) => RunError::TimedOut {
                     program,
