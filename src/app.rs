@@ -121,7 +121,8 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     // The collector's own worker, started only where builds can be rooted.
     let gc_worker = worker.clone();
     // Evaluations, realisations and packing each get workers of their own (see
-    // NixPools): at most `workers` Nix builds and one evaluation per CPU run at once.
+    // NixPools): at most `workers` Nix builds and `eval_workers` evaluations run at
+    // once.
     let nix_pools = {
         let (e, r, p) = (worker.clone(), worker.clone(), worker);
         let cpus = settings.cpu_workers();

@@ -391,9 +391,9 @@ impl Settings {
     }
 
     /// Nix worker count, with 0 meaning one per CPU.
-    /// Nix builds (realisations) at once: `nix.workers`, or one per CPU. (More
-    /// do not help images that share paths: a Nix process waiting for another's
-    /// lock on a path looks again only every 5 seconds.)
+    /// Nix builds (realisations) at once: `nix.workers`, or one per CPU. (More Nix
+    /// processes over shared paths mostly wait for each other's locks, and with
+    /// eight at once Nix 2.8 was seen to deadlock on them.)
     pub fn nix_workers(&self) -> usize {
         if self.nix.workers == 0 {
             cpus()

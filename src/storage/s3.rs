@@ -3,10 +3,10 @@
 //! Layers stream into the bucket while they are compressed, as with GCS: the
 //! packer's chunks go into a multipart upload under `staging/` at once (parts of
 //! at least 5 MiB, the smallest S3 accepts; `storage.upload_chunks_in_flight` parts
-//! are in flight while the next fills). A layer's digest, and so its name, is known only when packing ends, so
-//! the completed staging object is checked (its size against what the packer
-//! counted), copied inside the bucket to `blobs/sha256/<hex>` only if nothing is
-//! there yet, and deleted. Readers therefore only ever see complete blobs under
+//! are in flight while the next fills). A layer's digest, and so its name, is known
+//! only when packing ends, so the completed staging object is checked (its size
+//! against what the packer counted), copied inside the bucket to
+//! `blobs/sha256/<hex>` only if nothing is there yet, and deleted. Readers therefore only ever see complete blobs under
 //! digest names; a stream the packer abandons is aborted and leaves nothing. A
 //! layer that fits in one chunk goes straight to its digest name.
 //!

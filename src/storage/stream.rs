@@ -1,10 +1,10 @@
 //! Hands a layer from the packer (a blocking worker thread) to an async upload in
 //! fixed-size chunks while it is still being compressed. A chunk is handed over
-//! only when the uploader takes it, which it does once it has room for it (GCS: a
-//! part slot free; S3: the part before stored): the packer fills one chunk while the
-//! uploader sends, so a layer in flight costs a bounded number of chunks of memory
-//! however large it is, and a slow bucket slows the packer instead of piling bytes
-//! up.
+//! only when the uploader takes it, which it does once it has room for it (fewer
+//! than `storage.upload_chunks_in_flight` parts uploading): the packer fills one
+//! chunk while the uploader sends, so a layer in flight costs a bounded number of
+//! chunks of memory however large it is, and a slow bucket slows the packer instead
+//! of piling bytes up.
 
 use crate::reference::Digest;
 use bytes::Bytes;
