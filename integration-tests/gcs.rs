@@ -553,19 +553,10 @@ fn two_replicas_on_one_bucket_build_a_new_image_once() {
 
 /// Object names in the bucket under `prefix`, read from the emulator's JSON API.
 fn bucket_objects(gcs: &FakeGcs, prefix: &str) -> Vec<String> {
-    let url = format!("{}/storage/v1/b/{BUCKET}/o?prefix={prefix}", gcs.endpoint());
-    let (status, _, body) = http_get(&url, &[]);
-    assert_eq!(status, 200, "GET {url}: {}", String::from_utf8_lossy(&body));
-    let list: serde_json::Value = serde_json::from_slice(&body).expect("object list JSON");
-    list["items"]
-        .as_array()
-        .map(|items| {
-            items
-                .iter()
-                .map(|o| o["name"].as_str().expect("name").to_string())
-                .collect()
-        })
-        .unwrap_or_default()
+    gcs.list(BUCKET, prefix)
+        .iter()
+        .map(|o| o["name"].as_str().expect("name").to_string())
+        .collect()
 }
 
 #[test]
