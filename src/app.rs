@@ -128,9 +128,11 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         let cpus = settings.cpu_workers();
         let evaluators = settings.eval_workers();
         NixPools::new(
-            SyncArbiter::start(evaluators, move || e.clone()),
-            evaluators,
-            SyncArbiter::start(workers, move || r.clone()),
+            (
+                SyncArbiter::start(evaluators, move || e.clone()),
+                evaluators,
+            ),
+            (SyncArbiter::start(workers, move || r.clone()), workers),
             SyncArbiter::start(cpus, move || p.clone()),
         )
     };

@@ -212,19 +212,28 @@ pub fn parse_batch(stdout: &[u8]) -> Result<Vec<Option<Evaluation>>, String> {
         .collect())
 }
 
-/// Whether a store path is built: it exists and no build holds its lock. Without
-/// a sandbox a builder writes the path in place, so existence alone is not enough;
-/// Nix removes the lock file once the path is registered (one that failed leaves a
-/// lock without the path).
+/// Whether a store path is built, judged without asking Nix: Nix sets every file of
+/// a path it registers to mtime 1 (canonicalisation, just before the registration),
+/// where a builder writing its output in place (no sandbox) leaves the time of
+/// writing. A lock file is no sign: a process that waits for a lock creates one,
+/// also on a path long built. Callers that go on to `nix-store --realise` are right
+/// even in the instant between the two.
 pub fn path_built(path: &str) -> bool {
-    std::path::Path::new(path).exists() && !std::path::Path::new(&format!("{path}.lock")).exists()
+    std::fs::symlink_metadata(path).is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.mtime() == 1
+    })
 }
 
-/// `nix-store --realise` arguments: each derivation with just the output we use.
-pub fn realise_args(eval: &Evaluation, timeout_secs: u64) -> Vec<String> {
-    let mut targets: Vec<String> = eval
-        .packages
-        .iter()
+/// `nix-store --realise` arguments: each derivation of the images with just the
+/// output we use.
+pub fn realise_args<'a>(
+    evals: impl IntoIterator<Item = &'a Evaluation>,
+    timeout_secs: u64,
+) -> Vec<String> {
+    let mut targets: Vec<String> = evals
+        .into_iter()
+        .flat_map(|e| &e.packages)
         .map(|p| format!("{}!{}", p.drv_path, p.output))
         .collect();
     targets.sort();
@@ -376,7 +385,7 @@ mod tests {
             ["/nix/store/b-hello", "/nix/store/d-m-bin"]
         );
         assert_eq!(
-            realise_args(&e, 60),
+            realise_args([&e, &e], 60),
             [
                 "--realise",
                 "--timeout",
@@ -412,5 +421,19 @@ mod tests {
         assert!(infos[1].references.is_empty());
         assert!(parse_registration("/nix/store/x\nh\nnotanumber\n").is_err());
         assert!(parse_registration("/nix/store/x\nh\n1\n\n3\n/a\n").is_err());
+    }
+
+    #[test]
+    fn a_path_is_built_once_nix_has_canonicalised_it_whatever_lock_files_say() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("abc-hello");
+        let out_str = out.to_str().unwrap();
+        assert!(!path_built(out_str), "missing");
+        let file = std::fs::File::create(&out).unwrap();
+        assert!(!path_built(out_str), "being written");
+        file.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1))
+            .unwrap();
+        std::fs::File::create(dir.path().join("abc-hello.lock")).unwrap();
+        assert!(path_built(out_str), "registered, with a waiter's lock file");
     }
 }

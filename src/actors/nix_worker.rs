@@ -52,10 +52,28 @@ pub struct Realise {
     pub system: &'static str,
     pub evaluation: Evaluation,
     /// Told "building N of M derivations" as Nix goes.
-    pub progress: Arc<dyn Fn(String) + Send + Sync>,
+    pub progress: Progress,
     /// Who takes this job: the worker that starts it, or the caller that stopped
     /// waiting for it in the queue.
     pub claim: Claim,
+}
+
+/// Where a realisation reports what Nix is doing.
+pub type Progress = Arc<dyn Fn(String) + Send + Sync>;
+
+/// Build (or substitute) several images' packages in one `nix-store --realise
+/// --keep-going`: one Nix process schedules all their derivations, where one
+/// process per image waited for the others' locks. Answers which of the outputs
+/// are not valid after it (none when it succeeded).
+#[derive(Message)]
+#[rtype(result = "Result<Vec<String>, BuildError>")]
+pub struct RealiseBatch {
+    /// The images, for the server log.
+    pub label: String,
+    pub system: &'static str,
+    pub evaluations: Vec<Evaluation>,
+    /// Each image's [`Realise::progress`].
+    pub progress: Vec<Progress>,
 }
 
 /// How long a `nix-store --realise` may wait for a lock with no builder of its own
@@ -361,19 +379,64 @@ impl Handler<Realise> for NixWorker {
         if outputs.is_empty() {
             return Ok(Vec::new());
         }
+        let args = nix::realise_args([&msg.evaluation], self.build_timeout.as_secs());
+        self.realise(&args, &msg.label, msg.system, msg.progress)?;
+        self.closure(outputs, &msg.label)
+    }
+}
+
+impl Handler<RealiseBatch> for NixWorker {
+    type Result = Result<Vec<String>, BuildError>;
+
+    fn handle(&mut self, msg: RealiseBatch, _: &mut Self::Context) -> Self::Result {
+        let mut args = nix::realise_args(&msg.evaluations, self.build_timeout.as_secs());
+        // One image's failed build does not stop the others'.
+        args.push("--keep-going".to_string());
+        let progress = msg.progress;
+        let report: Progress = Arc::new(move |phase: String| {
+            for p in &progress {
+                p(phase.clone());
+            }
+        });
+        if self.realise(&args, &msg.label, msg.system, report).is_ok() {
+            return Ok(Vec::new());
+        }
+        // Another process waiting for a lock on a valid path leaves its lock file
+        // there, so only the database says for sure which outputs are missing.
+        let mut check = vec![
+            "--check-validity".to_string(),
+            "--print-invalid".to_string(),
+        ];
+        check.extend(msg.evaluations.iter().flat_map(|e| e.output_paths()));
+        let invalid = self.nix_store(&check, &msg.label)?;
+        Ok(String::from_utf8_lossy(&invalid)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
+    }
+}
+
+impl NixWorker {
+    /// Runs `nix-store` with `args` (a realisation) within the build limit, started
+    /// again while it is stuck behind another process's lock.
+    fn realise(
+        &self,
+        args: &[String],
+        label: &str,
+        system: &str,
+        report: Progress,
+    ) -> Result<(), BuildError> {
         let timeout = self.build_timeout;
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let mut progress = nix::RealiseProgress::default();
-            let report = msg.progress.clone();
+            let report = report.clone();
             let lock_wait = LockWait::default();
             let seen = lock_wait.clone();
             let ran = process::run_command_unless(
-                self.command(
-                    "nix-store",
-                    &nix::realise_args(&msg.evaluation, timeout.as_secs()),
-                ),
+                self.command("nix-store", args),
                 left,
                 move |line| {
                     seen.observe(line);
@@ -386,12 +449,11 @@ impl Handler<Realise> for NixWorker {
                 |pid| lock_wait.stuck(pid),
             );
             let e = match ran {
-                Ok(_) => break,
+                Ok(_) => return Ok(()),
                 Err(RunError::Stalled { stderr, .. }) if Instant::now() < deadline => {
                     log::warn!(
-                        "build {}: nix-store waited {} s for a lock with nothing building, \
+                        "build {label}: nix-store waited {} s for a lock with nothing building, \
                          as processes holding each other's locks do; starting it again",
-                        msg.label,
                         LOCK_STALL.as_secs()
                     );
                     log::debug!("its output:\n{}", nix::errors::sanitise(&stderr).trim_end());
@@ -407,21 +469,19 @@ impl Handler<Realise> for NixWorker {
                 },
                 Err(e) => e,
             };
-            return Err(self.run_error(
-                e,
-                &msg.label,
-                msg.system,
-                "Nix build",
-                BuildError::BuildFailed,
-            ));
+            return Err(self.run_error(e, label, system, "Nix build", BuildError::BuildFailed));
         }
+    }
+
+    /// The runtime closure of built `outputs`, with each path's size and references.
+    fn closure(&self, outputs: Vec<String>, label: &str) -> Result<Vec<StorePathInfo>, BuildError> {
         let mut query = vec!["--query".to_string(), "--requisites".to_string()];
         query.extend(outputs);
-        let closure = String::from_utf8(self.nix_store(&query, &msg.label)?)
+        let closure = String::from_utf8(self.nix_store(&query, label)?)
             .map_err(|e| BuildError::Internal(format!("nix-store output: {e}")))?;
         let mut dump = vec!["--dump-db".to_string()];
         dump.extend(closure.lines().filter(|l| !l.is_empty()).map(String::from));
-        let registration = String::from_utf8(self.nix_store(&dump, &msg.label)?)
+        let registration = String::from_utf8(self.nix_store(&dump, label)?)
             .map_err(|e| BuildError::Internal(format!("nix-store output: {e}")))?;
         nix::parse_registration(&registration).map_err(BuildError::Internal)
     }

@@ -47,7 +47,7 @@ fn batch_key(job: &Evaluate) -> (&crate::nix::SourceArgs, &str, &[String]) {
 
 /// Takes the next batch off the queue: its head, and every later request that can
 /// share its evaluation (up to `max`), in queue order; the rest keep theirs.
-fn take_batch<T>(
+pub(super) fn take_batch<T>(
     queue: &mut VecDeque<T>,
     max: usize,
     alone: impl Fn(&T) -> bool,

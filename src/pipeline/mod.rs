@@ -14,6 +14,7 @@
 mod eval_queue;
 #[cfg(test)]
 pub(crate) mod fake;
+mod realise_queue;
 mod records;
 mod store;
 #[cfg(test)]
@@ -41,6 +42,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use eval_queue::EvalQueue;
 use futures::future::BoxFuture;
+use realise_queue::RealiseQueue;
 use records::LayerRecord;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -70,19 +72,22 @@ pub struct NixPools {
     /// In front of `evaluate`: evaluations that queue are batched.
     eval_queue: Arc<EvalQueue>,
     pub realise: Addr<NixWorker>,
+    /// In front of `realise`: realisations that queue are batched.
+    realise_queue: Arc<RealiseQueue>,
     pub pack: Addr<NixWorker>,
 }
 
 impl NixPools {
-    /// `evaluators` is the number of workers in the `evaluate` pool.
+    /// `evaluators` and `builders` are the numbers of workers in the `evaluate` and
+    /// `realise` pools.
     pub fn new(
-        evaluate: Addr<NixWorker>,
-        evaluators: usize,
-        realise: Addr<NixWorker>,
+        (evaluate, evaluators): (Addr<NixWorker>, usize),
+        (realise, builders): (Addr<NixWorker>, usize),
         pack: Addr<NixWorker>,
     ) -> Self {
         NixPools {
             eval_queue: EvalQueue::new(evaluate.clone(), evaluators),
+            realise_queue: RealiseQueue::new(realise.clone(), evaluate.clone(), builders),
             evaluate,
             realise,
             pack,
@@ -96,30 +101,7 @@ impl NixRunner for NixPools {
     }
 
     fn realise(&self, job: Realise) -> BoxFuture<'static, Result<Vec<StorePathInfo>, BuildError>> {
-        let outputs = job.evaluation.output_paths();
-        let present = move || outputs.iter().all(|p| crate::nix::path_built(p));
-        if present() {
-            return self.evaluate.realise(job);
-        }
-        // While it waits for a build worker, other images' builds may make its
-        // outputs; then, unless a worker has started it, it leaves the queue for an
-        // evaluation worker, where `nix-store --realise` finds them.
-        let queued = self.realise.realise(job.clone());
-        let evaluate = self.evaluate.clone();
-        Box::pin(async move {
-            tokio::pin!(queued);
-            loop {
-                tokio::select! {
-                    done = &mut queued => return done,
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                        if present() && job.claim.by_caller() {
-                            let job = Realise { claim: Claim::default(), ..job };
-                            return evaluate.realise(job).await;
-                        }
-                    }
-                }
-            }
-        })
+        self.realise_queue.realise(job)
     }
 
     fn pack(&self, job: Pack) -> BoxFuture<'static, Result<PackedLayer, BuildError>> {
