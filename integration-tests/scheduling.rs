@@ -20,6 +20,47 @@ fn get(server: &Server, name: &str) -> (u16, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Waits until the build page shows `name` building.
+fn wait_building(server: &Server, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, _, body) = http_get(&server.url("/builds"), &[]);
+        let page = String::from_utf8_lossy(&body).into_owned();
+        if page.contains(&format!("\"{name}\"")) && page.contains("building") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never started building: {page}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Requests every name at once; each answer's status and body, in order.
+fn get_all(server: &Server, names: &[&str]) -> Vec<(u16, String)> {
+    let answers: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let url = server.url(&format!("/v2/{name}/manifests/latest"));
+            thread::spawn(move || {
+                http_request("GET", &url, &[("Accept", DOCKER)], Duration::from_secs(180))
+                    .map(|(status, _, body)| (status, String::from_utf8_lossy(&body).into_owned()))
+            })
+        })
+        .collect();
+    names
+        .iter()
+        .zip(answers)
+        .map(|(name, answer)| {
+            answer
+                .join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+        })
+        .collect()
+}
+
 #[test]
 fn an_image_already_in_the_store_does_not_wait_for_another_images_build() {
     // One worker per queue: before the queues were separate, the new image's
@@ -37,19 +78,7 @@ fn an_image_already_in_the_store_does_not_wait_for_another_images_build() {
         })
     };
     // Wait until `slow` holds the build worker: its builder is sleeping.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, _, body) = http_get(&server.url("/builds"), &[]);
-        let page = String::from_utf8_lossy(&body).into_owned();
-        if page.contains("\"slow\"") && page.contains("building") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "slow never started building: {page}"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    wait_building(&server, "slow");
 
     let (status, body) = get(&server, "cowsay/hello");
     assert_eq!(status, 200, "{body}");
@@ -164,5 +193,60 @@ fn evaluations_that_queue_are_batched_and_a_refusal_is_still_its_own() {
     assert!(
         batched.iter().any(|l| l.contains("1 to evaluate alone")),
         "unfreeapp was not evaluated alone after its batch: {batched:?}"
+    );
+}
+
+#[test]
+fn realisations_that_queue_are_batched_and_a_failed_build_is_still_its_own() {
+    // One build worker: images queued behind graph.g9's chain of ten builds are
+    // realised together when it is free.
+    let server = Server::start(&[("NIXERY_NIX__WORKERS", "1")]);
+    let alone = Server::start(&[(
+        "NIXERY_PKGS_PATH",
+        server.pkgs_path().to_str().expect("utf-8 path"),
+    )]);
+    let blocker = {
+        let url = server.url("/v2/graph.g9/manifests/latest");
+        thread::spawn(move || {
+            http_request("GET", &url, &[("Accept", DOCKER)], Duration::from_secs(180))
+        })
+    };
+    wait_building(&server, "graph.g9");
+    let names = [
+        "hello",
+        "cowsay",
+        "broken",
+        "hello/cowsay",
+        "nano",
+        "graph.g1/graph.g11",
+    ];
+    let answers = get_all(&server, &names);
+    let (status, _, _) = blocker.join().unwrap().expect("graph.g9");
+    assert_eq!(status, 200);
+    // Alone, with the store as the batch left it (Nix's message names every
+    // derivation it could not build).
+    let (failed_status, failed_alone) = get(&alone, "broken");
+    assert!(failed_status >= 400, "{failed_status}: {failed_alone}");
+    for (name, (status, body)) in names.iter().zip(&answers) {
+        if *name == "broken" {
+            // The same failure as when it was realised alone.
+            assert_eq!(
+                (*status, body.as_str()),
+                (failed_status, failed_alone.as_str())
+            );
+        } else {
+            assert_eq!(*status, 200, "{name}: {body}");
+        }
+    }
+    let log = server.log();
+    let batched: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("images in one nix-store"))
+        .collect();
+    assert!(
+        batched
+            .iter()
+            .any(|l| l.contains("1 did not build there and are realised alone")),
+        "no realisation took the queued images, broken among them, together: {batched:?}\n{log}"
     );
 }
