@@ -401,8 +401,9 @@ impl Handler<RealiseBatch> for NixWorker {
         if self.realise(&args, &msg.label, msg.system, report).is_ok() {
             return Ok(Vec::new());
         }
-        // Another process waiting for a lock on a valid path leaves its lock file
-        // there, so only the database says for sure which outputs are missing.
+        // Which images it did build is asked of Nix's database, not read from the
+        // files (see `nix::path_built`): those get their answer, the rest are
+        // realised again alone.
         let mut check = vec![
             "--check-validity".to_string(),
             "--print-invalid".to_string(),

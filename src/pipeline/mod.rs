@@ -42,7 +42,7 @@ use actix::prelude::*;
 use bytes::Bytes;
 use eval_queue::EvalQueue;
 use futures::future::BoxFuture;
-use realise_queue::RealiseQueue;
+use realise_queue::{Coming, RealiseQueue};
 use records::LayerRecord;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -60,6 +60,11 @@ pub trait NixRunner: Send + Sync + 'static {
     fn evaluate(&self, job: Evaluate) -> BoxFuture<'static, Result<Evaluation, BuildError>>;
     fn realise(&self, job: Realise) -> BoxFuture<'static, Result<Vec<StorePathInfo>, BuildError>>;
     fn pack(&self, job: Pack) -> BoxFuture<'static, Result<PackedLayer, BuildError>>;
+    /// Marks an image as on its way to [`NixRunner::realise`] until dropped, so that
+    /// realisations about to start can wait for it to join them.
+    fn coming(&self) -> Option<Coming> {
+        None
+    }
 }
 
 /// Nix's work in three queues of workers, so that no job waits behind another kind:
@@ -102,6 +107,10 @@ impl NixRunner for NixPools {
 
     fn realise(&self, job: Realise) -> BoxFuture<'static, Result<Vec<StorePathInfo>, BuildError>> {
         self.realise_queue.realise(job)
+    }
+
+    fn coming(&self) -> Option<Coming> {
+        Some(self.realise_queue.coming())
     }
 
     fn pack(&self, job: Pack) -> BoxFuture<'static, Result<PackedLayer, BuildError>> {
@@ -300,6 +309,7 @@ pub async fn build_image(c: &Arc<BuildContext>, job: &Job) -> Result<Arc<BuiltIm
             return Ok(image);
         }
     }
+    let coming = c.nix.coming();
     let (evaluation, _roots) = evaluate_rooted(c, job).await?;
     let image_key = image_key(&c.settings, job, &evaluation);
     if let Some(image) = records::known_image(c, &image_key).await? {
@@ -314,7 +324,7 @@ pub async fn build_image(c: &Arc<BuildContext>, job: &Job) -> Result<Arc<BuiltIm
     }
     let built = async {
         let tally = Tally::default();
-        let closure = realise(c, job, &evaluation).await?;
+        let closure = realise(c, job, &evaluation, coming).await?;
         let plans = plan_layers(&c.settings, &evaluation, &closure)?;
         // The symlink layer needs nothing from the others: packed alongside them,
         // it is not a round trip after the largest one.
@@ -452,20 +462,22 @@ async fn realise(
     c: &Arc<BuildContext>,
     job: &Job,
     evaluation: &Evaluation,
+    coming: Option<Coming>,
 ) -> Result<Vec<StorePathInfo>, BuildError> {
     c.shared.enter_phase(&job.key, "building");
     c.shared.stats.nix_realisations.inc();
     let shared = c.shared.clone();
     let key = job.key.clone();
-    c.nix
-        .realise(Realise {
-            label: job.label(),
-            system: job.arch.nix_system(),
-            evaluation: evaluation.clone(),
-            progress: Arc::new(move |phase| shared.update(&key, |p| p.phase = phase)),
-            claim: Claim::default(),
-        })
-        .await
+    let realised = c.nix.realise(Realise {
+        label: job.label(),
+        system: job.arch.nix_system(),
+        evaluation: evaluation.clone(),
+        progress: Arc::new(move |phase| shared.update(&key, |p| p.phase = phase)),
+        claim: Claim::default(),
+    });
+    // Queued now: no longer one to wait for.
+    drop(coming);
+    realised.await
 }
 
 /// Step 3: which store paths go into which layer; refuses an image over the limit.

@@ -17,6 +17,7 @@ use crate::nix;
 use actix::Addr;
 use futures::future::BoxFuture;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
@@ -24,6 +25,16 @@ use tokio::sync::oneshot;
 /// Images one realisation takes at most, so that the build limit of one process
 /// is not asked to cover an unbounded amount of work.
 const MAX_BATCH: usize = 64;
+
+/// How long a new realisation waits for others to join it while another one runs or
+/// other images are on their way (evaluated, looked up). Requests that come together (a deployment's
+/// new images) then share one Nix process instead of two or more holding locks the
+/// others wait for, each wait costing up to Nix's lock poll of a second. On an idle
+/// registry a lone realisation starts at once.
+const GATHER: Duration = Duration::from_millis(250);
+
+/// How often a gathering queue looks again whether it may start.
+const GATHER_POLL: Duration = Duration::from_millis(20);
 
 /// How often a waiting image looks for its outputs in the store.
 const POLL: Duration = Duration::from_millis(200);
@@ -36,6 +47,8 @@ pub struct RealiseQueue {
     readers: Addr<NixWorker>,
     /// Realisations running at once: the build workers.
     capacity: usize,
+    /// Images on their way here: each holds a [`Coming`].
+    coming: AtomicUsize,
     state: Mutex<State>,
 }
 
@@ -43,13 +56,28 @@ pub struct RealiseQueue {
 struct State {
     queue: VecDeque<Waiting>,
     running: usize,
+    /// A dispatch is due when the queue's head has gathered long enough.
+    gathering: bool,
 }
 
 struct Waiting {
     job: Realise,
+    queued: Instant,
     /// Realised on its own: its outputs were missing when its batch failed.
     alone: bool,
     reply: oneshot::Sender<Outcome>,
+}
+
+/// An image on its way to the realisation queue (see [`RealiseQueue::coming`]).
+pub struct Coming(Arc<RealiseQueue>);
+
+impl Drop for Coming {
+    fn drop(&mut self) {
+        if self.0.coming.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // The last one: what gathered for it need not wait out the poll.
+            self.0.dispatch();
+        }
+    }
 }
 
 enum Outcome {
@@ -65,6 +93,7 @@ impl RealiseQueue {
             workers,
             readers,
             capacity: capacity.max(1),
+            coming: AtomicUsize::new(0),
             state: Mutex::default(),
         })
     }
@@ -81,6 +110,7 @@ impl RealiseQueue {
         let (reply, mut answer) = oneshot::channel();
         self.lock().queue.push_back(Waiting {
             job: job.clone(),
+            queued: Instant::now(),
             alone: false,
             reply,
         });
@@ -114,6 +144,13 @@ impl RealiseQueue {
         })
     }
 
+    /// Counts an image as on its way here until the guard is dropped, which its
+    /// build does once it has queued its realisation, or has none to queue.
+    pub fn coming(self: &Arc<Self>) -> Coming {
+        self.coming.fetch_add(1, Ordering::SeqCst);
+        Coming(self.clone())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("realisation queue lock")
     }
@@ -125,6 +162,20 @@ impl RealiseQueue {
                 let mut state = self.lock();
                 state.queue.retain(|w| !w.reply.is_closed());
                 if state.running >= self.capacity || state.queue.is_empty() {
+                    return;
+                }
+                let head = &state.queue[0];
+                let others = state.running > 0 || self.coming.load(Ordering::SeqCst) > 0;
+                if others && !head.alone && head.queued.elapsed() < GATHER {
+                    if !state.gathering {
+                        state.gathering = true;
+                        let queue = self.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(GATHER_POLL).await;
+                            queue.lock().gathering = false;
+                            queue.dispatch();
+                        });
+                    }
                     return;
                 }
                 state.running += 1;
