@@ -34,6 +34,10 @@ pub struct BuiltImage {
     pub referrers: Vec<Referrer>,
     /// For an index, the image of each platform it names; empty for an image.
     pub children: Vec<Arc<BuiltImage>>,
+    /// What [`BuiltImage::blobs`] answers, worked out once: every manifest served by
+    /// tag asks for it, and parsing the manifests each time was most of the cost
+    /// of a warm request.
+    blobs: Option<Arc<[Digest]>>,
 }
 
 /// An artifact manifest attached to an image manifest, as the referrers API lists it.
@@ -70,6 +74,23 @@ impl Referrer {
 }
 
 impl BuiltImage {
+    pub fn new(
+        docker: StoredManifest,
+        oci: StoredManifest,
+        referrers: Vec<Referrer>,
+        children: Vec<Arc<BuiltImage>>,
+    ) -> Self {
+        let mut image = BuiltImage {
+            docker,
+            oci,
+            referrers,
+            children,
+            blobs: None,
+        };
+        image.blobs = image.named_blobs().map(Into::into);
+        image
+    }
+
     /// An image (or index) with an OCI manifest only, which stands in for the Docker
     /// one: its layers are zstd, which Docker manifests have no type for.
     pub fn oci_only(&self) -> bool {
@@ -98,9 +119,13 @@ impl BuiltImage {
     }
 
     /// Every blob the image names: its manifests, artifacts, configs and layers,
-    /// and those of its children; None when a manifest is not one this registry
-    /// wrote.
-    pub fn blobs(&self) -> Option<Vec<Digest>> {
+    /// and those of its children, sorted; None when a manifest is not one this
+    /// registry wrote.
+    pub fn blobs(&self) -> Option<&[Digest]> {
+        self.blobs.as_deref()
+    }
+
+    fn named_blobs(&self) -> Option<Vec<Digest>> {
         #[derive(Deserialize)]
         struct Desc {
             digest: String,
@@ -124,9 +149,9 @@ impl BuiltImage {
             }
         }
         for child in &self.children {
-            blobs.extend(child.blobs()?);
+            blobs.extend_from_slice(child.blobs()?);
         }
-        blobs.sort_by_key(|d| d.to_string());
+        blobs.sort_by_cached_key(|d| d.to_string());
         blobs.dedup();
         Some(blobs)
     }

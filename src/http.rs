@@ -17,7 +17,7 @@ use crate::pipeline::{self, image_in_storage, load_referrers, Client, Job};
 use crate::reference::{parse_route, Digest, Reference, Route};
 use crate::source::ResolvedSource;
 use crate::source::Sources;
-use crate::state::SharedState;
+use crate::state::{KnownManifest, SharedState};
 use crate::storage::Storage;
 use crate::tags;
 use actix::Addr;
@@ -474,21 +474,18 @@ async fn serve(
             reference: Reference::Digest(digest),
             ..
         } => {
-            let bytes = match state.shared.manifest_by_digest(&digest) {
-                Some(bytes) => bytes,
+            let known = match state.shared.manifest_by_digest(&digest) {
+                Some(known) => known,
                 None => stored_manifest(state, &digest).await?,
             };
-            let media_type = manifest::declared_media_type(&bytes)
-                .ok_or_else(|| RegistryError::manifest_unknown(&digest.to_string()))?;
-            let named = manifest::named_blobs(&bytes).unwrap_or_else(|| vec![digest.clone()]);
-            if !in_use(state, named).await? {
+            if !in_use(state, &known.blobs).await? {
                 // Only a tag says what to build again.
                 state.shared.forget_manifest(&digest);
                 return Err(RegistryError::manifest_unknown(&format!(
                     "{digest} was deleted after going unused; pull by tag to build it again"
                 )));
             }
-            Ok(manifest_response(media_type, &digest, bytes))
+            Ok(manifest_response(known.media_type, &digest, known.bytes))
         }
         Route::Blob { digest, .. } => blob(req, state, digest).await,
     }
@@ -570,10 +567,10 @@ async fn built_image(
 
 /// Marks blobs a manifest names as used, under a retention; false when one is
 /// gone and the manifest must not be served.
-async fn in_use(state: &AppState, blobs: Vec<Digest>) -> Result<bool, RegistryError> {
+async fn in_use(state: &AppState, blobs: &[Digest]) -> Result<bool, RegistryError> {
     match &state.retention {
         Some(retention) => {
-            Ok(blob_gc::mark_used(&state.storage, &state.shared, retention, &blobs).await?)
+            Ok(blob_gc::mark_used(&state.storage, &state.shared, retention, blobs).await?)
         }
         None => Ok(true),
     }
@@ -629,20 +626,20 @@ async fn referrers(
     Ok(response.body(index.to_string()))
 }
 
-async fn stored_manifest(state: &AppState, digest: &Digest) -> Result<Bytes, RegistryError> {
+async fn stored_manifest(
+    state: &AppState,
+    digest: &Digest,
+) -> Result<KnownManifest, RegistryError> {
     let unknown = || RegistryError::manifest_unknown(&digest.to_string());
     match state.storage.blob_size(digest).await? {
         Some(size) if size <= MAX_MANIFEST_BYTES => {}
         _ => return Err(unknown()),
     }
     let bytes = state.storage.read_blob(digest).await?.ok_or_else(unknown)?;
-    if manifest::declared_media_type(&bytes).is_none() {
-        return Err(unknown());
-    }
     state
         .shared
-        .remember_manifest(digest.clone(), bytes.clone());
-    Ok(bytes)
+        .remember_manifest(digest.clone(), bytes)
+        .ok_or_else(unknown)
 }
 
 fn manifest_response(media_type: &'static str, digest: &Digest, bytes: Bytes) -> HttpResponse {

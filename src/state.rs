@@ -63,11 +63,34 @@ struct TagEntry {
 /// with the source version, so old entries are only ever dead weight.
 const MAX_TAG_ENTRIES: usize = 100_000;
 
+/// A manifest served by digest, with what serving it needs read once, not on each
+/// request.
+#[derive(Clone)]
+pub struct KnownManifest {
+    pub bytes: Bytes,
+    pub media_type: &'static str,
+    /// Marked as used whenever it is served: itself, and what it names.
+    pub blobs: Arc<[Digest]>,
+}
+
+impl KnownManifest {
+    /// None for bytes that are not a manifest this registry serves.
+    pub fn of(digest: &Digest, bytes: Bytes) -> Option<KnownManifest> {
+        let media_type = crate::manifest::declared_media_type(&bytes)?;
+        let blobs = crate::manifest::named_blobs(&bytes).unwrap_or_else(|| vec![digest.clone()]);
+        Some(KnownManifest {
+            bytes,
+            media_type,
+            blobs: blobs.into(),
+        })
+    }
+}
+
 /// State shared with the HTTP handlers, read without going through the actor.
 #[derive(Default)]
 pub struct SharedState {
     tags: RwLock<HashMap<String, TagEntry>>,
-    manifests: RwLock<HashMap<Digest, Bytes>>,
+    manifests: RwLock<HashMap<Digest, KnownManifest>>,
     referrers: RwLock<HashMap<Digest, Vec<Referrer>>>,
     known_blobs: RwLock<std::collections::HashSet<Digest>>,
     /// When this process last saw each blob used in storage: it uploaded it, or
@@ -119,7 +142,7 @@ impl SharedState {
     }
 
     /// A manifest by digest, from memory.
-    pub fn manifest_by_digest(&self, digest: &Digest) -> Option<Bytes> {
+    pub fn manifest_by_digest(&self, digest: &Digest) -> Option<KnownManifest> {
         self.manifests
             .read()
             .expect("manifest cache lock")
@@ -157,11 +180,15 @@ impl SharedState {
             .remove(digest);
     }
 
-    pub fn remember_manifest(&self, digest: Digest, bytes: Bytes) {
+    /// Serves `bytes` by `digest` from now on; None (and nothing remembered) when
+    /// they are not a manifest this registry serves.
+    pub fn remember_manifest(&self, digest: Digest, bytes: Bytes) -> Option<KnownManifest> {
+        let known = KnownManifest::of(&digest, bytes)?;
         self.manifests
             .write()
             .expect("manifest cache lock")
-            .insert(digest, bytes);
+            .insert(digest, known.clone());
+        Some(known)
     }
 
     /// Whether the blob is known to be stored, so a blob request needs no storage

@@ -376,12 +376,12 @@ pub async fn build_index(
     let docker = manifests.pop().unwrap_or_else(|| oci.clone());
     let mut children = children;
     children.sort_by_key(|(arch, _)| *arch);
-    Ok(Arc::new(BuiltImage {
+    Ok(Arc::new(BuiltImage::new(
         docker,
         oci,
-        referrers: Vec::new(),
-        children: children.into_iter().map(|(_, image)| image).collect(),
-    }))
+        Vec::new(),
+        children.into_iter().map(|(_, image)| image).collect(),
+    )))
 }
 
 /// Whether the caller may have a new image built: a login where the policy asks for
@@ -554,12 +554,12 @@ async fn assemble(
         tally.uploaded.load(Ordering::Relaxed),
         layers.iter().map(|e| e.size).sum::<u64>() + config.len() as u64,
     );
-    Ok(Arc::new(BuiltImage {
+    Ok(Arc::new(BuiltImage::new(
         docker,
         oci,
         referrers,
-        children: Vec::new(),
-    }))
+        Vec::new(),
+    )))
 }
 
 /// What one build did, for its log line; steps that run side by side add to it.

@@ -288,12 +288,12 @@ pub(super) async fn load_image(
         log::warn!("ignoring image record {key} with an unreadable artifact");
         return Ok(None);
     };
-    let image = BuiltImage {
-        docker: manifest(record.docker),
-        oci: manifest(record.oci),
+    let image = BuiltImage::new(
+        manifest(record.docker),
+        manifest(record.oci),
         referrers,
-        children: Vec::new(),
-    };
+        Vec::new(),
+    );
     if !image_is_stored(c, &image).await? {
         log::warn!("image record {key} names a missing blob; rebuilding");
         return Ok(None);
@@ -316,7 +316,7 @@ pub async fn image_in_storage(
     image: &BuiltImage,
 ) -> Result<bool, StorageError> {
     match image.blobs() {
-        Some(blobs) => blobs_in_storage(storage, shared, &blobs).await,
+        Some(blobs) => blobs_in_storage(storage, shared, blobs).await,
         None => Ok(false),
     }
 }

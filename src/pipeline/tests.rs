@@ -49,7 +49,7 @@ async fn an_image_is_stored_whole_and_its_bytes_depend_only_on_its_inputs() {
 
     let blobs = image.blobs().expect("our own manifests parse");
     let stored = stored_blobs(&storage);
-    for b in &blobs {
+    for b in blobs {
         assert!(stored.contains(&b.to_string()), "{b} named but not stored");
     }
     // Manifests, config, busybox and hello layers, the symlink layer, the SBOM,
@@ -205,7 +205,7 @@ async fn an_index_names_each_platform_image_in_both_formats() {
     assert!(stored.contains(&index.oci.digest.to_string()));
     assert!(stored.contains(&index.docker.digest.to_string()));
     let blobs = index.blobs().unwrap();
-    for d in amd.blobs().unwrap().iter().chain(&arm.blobs().unwrap()) {
+    for d in amd.blobs().unwrap().iter().chain(arm.blobs().unwrap()) {
         assert!(blobs.contains(d));
     }
 
