@@ -76,6 +76,15 @@ pub struct RealiseBatch {
     pub progress: Vec<Progress>,
 }
 
+/// The runtime closure of built outputs, with each path's size and references.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<StorePathInfo>, BuildError>")]
+pub struct ReadClosure {
+    /// The image and build key, for the server log.
+    pub label: String,
+    pub outputs: Vec<String>,
+}
+
 /// How long a `nix-store --realise` may wait for a lock with no builder of its own
 /// running before it is started again. Nix 2.8 processes realising overlapping
 /// closures at the same time can each hold output locks the others wait for, and
@@ -418,6 +427,14 @@ impl Handler<RealiseBatch> for NixWorker {
     }
 }
 
+impl Handler<ReadClosure> for NixWorker {
+    type Result = Result<Vec<StorePathInfo>, BuildError>;
+
+    fn handle(&mut self, msg: ReadClosure, _: &mut Self::Context) -> Self::Result {
+        self.closure(msg.outputs, &msg.label)
+    }
+}
+
 impl NixWorker {
     /// Runs `nix-store` with `args` (a realisation) within the build limit, started
     /// again while it is stuck behind another process's lock.
@@ -476,6 +493,10 @@ impl NixWorker {
 
     /// The runtime closure of built `outputs`, with each path's size and references.
     fn closure(&self, outputs: Vec<String>, label: &str) -> Result<Vec<StorePathInfo>, BuildError> {
+        // Without paths, --dump-db would dump the whole store.
+        if outputs.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut query = vec!["--query".to_string(), "--requisites".to_string()];
         query.extend(outputs);
         let closure = String::from_utf8(self.nix_store(&query, label)?)

@@ -10,7 +10,7 @@
 
 use super::eval_queue::take_batch;
 use super::{mailbox, NixRunner};
-use crate::actors::nix_worker::{Claim, NixWorker, Realise, RealiseBatch};
+use crate::actors::nix_worker::{Claim, NixWorker, ReadClosure, Realise, RealiseBatch};
 use crate::error::BuildError;
 use crate::layers::StorePathInfo;
 use crate::nix;
@@ -36,8 +36,8 @@ const GATHER: Duration = Duration::from_millis(250);
 /// How often a gathering queue looks again whether it may start.
 const GATHER_POLL: Duration = Duration::from_millis(20);
 
-/// How often a waiting image looks for its outputs in the store.
-const POLL: Duration = Duration::from_millis(200);
+/// How often a waiting image looks for its outputs in the store (a `stat` of each).
+const POLL: Duration = Duration::from_millis(50);
 
 pub struct RealiseQueue {
     /// The build workers.
@@ -105,7 +105,7 @@ impl RealiseQueue {
         let outputs = job.evaluation.output_paths();
         let present = move || outputs.iter().all(|p| nix::path_built(p));
         if present() {
-            return self.readers.realise(job);
+            return Box::pin(read_closure(self.readers.clone(), job));
         }
         let (reply, mut answer) = oneshot::channel();
         self.lock().queue.push_back(Waiting {
@@ -136,11 +136,7 @@ impl RealiseQueue {
             }
             // A closed reply tells the queue nobody waits for this image any more.
             drop(answer);
-            let job = Realise {
-                claim: Claim::default(),
-                ..job
-            };
-            readers.realise(job).await
+            read_closure(readers, job).await
         })
     }
 
@@ -253,6 +249,29 @@ impl RealiseQueue {
         let mut state = self.lock();
         for w in again.into_iter().rev() {
             state.queue.push_front(w);
+        }
+    }
+}
+
+/// The closure of an image whose outputs are built, read by a worker that does not
+/// build. The files said they are built; should Nix not have registered them yet
+/// (the instant between), a realisation waits for that.
+async fn read_closure(
+    readers: Addr<NixWorker>,
+    job: Realise,
+) -> Result<Vec<StorePathInfo>, BuildError> {
+    let read = ReadClosure {
+        label: job.label.clone(),
+        outputs: job.evaluation.output_paths(),
+    };
+    match readers.send(read).await {
+        Ok(Ok(closure)) => Ok(closure),
+        _ => {
+            let job = Realise {
+                claim: Claim::default(),
+                ..job
+            };
+            readers.realise(job).await
         }
     }
 }
