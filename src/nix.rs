@@ -216,8 +216,9 @@ pub fn parse_batch(stdout: &[u8]) -> Result<Vec<Option<Evaluation>>, String> {
 /// a path it registers to mtime 1 (canonicalisation, just before the registration),
 /// where a builder writing its output in place (no sandbox) leaves the time of
 /// writing. A lock file is no sign: a process that waits for a lock creates one,
-/// also on a path long built. Callers that go on to `nix-store --realise` are right
-/// even in the instant between the two.
+/// also on a path long built. In the instant between canonicalisation and
+/// registration a path is judged built too early; reading its closure then fails,
+/// and the caller realises it instead.
 pub fn path_built(path: &str) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| {
         use std::os::unix::fs::MetadataExt;

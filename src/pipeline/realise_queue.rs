@@ -4,9 +4,10 @@
 //! once, shared ones once), where one process per image had the others wait for
 //! its output locks, and a small image queued behind large ones waited for a whole
 //! worker. Each image is answered as soon as its own outputs are in the store, not
-//! when the batch ends. A lone realisation goes as it always did; an image whose
-//! outputs are not there when its batch fails is realised again alone, so its
-//! error is its own.
+//! when the batch ends. A lone realisation goes as it always did, at once on an
+//! idle registry; while others run or are on their way, it waits a moment for them
+//! (see [`GATHER`]). An image whose outputs are not there when its batch fails is
+//! realised again alone, so its error is its own.
 
 use super::eval_queue::take_batch;
 use super::{mailbox, NixRunner};
@@ -27,10 +28,10 @@ use tokio::sync::oneshot;
 const MAX_BATCH: usize = 64;
 
 /// How long a new realisation waits for others to join it while another one runs or
-/// other images are on their way (evaluated, looked up). Requests that come together (a deployment's
-/// new images) then share one Nix process instead of two or more holding locks the
-/// others wait for, each wait costing up to Nix's lock poll of a second. On an idle
-/// registry a lone realisation starts at once.
+/// other images are on their way here (being evaluated or looked up). Requests that
+/// come together (a deployment's new images) then share one Nix process instead of
+/// two or more holding locks the others wait for, each wait costing up to Nix's
+/// lock poll of a second. On an idle registry a lone realisation starts at once.
 const GATHER: Duration = Duration::from_millis(250);
 
 /// How often a gathering queue looks again whether it may start.
@@ -212,13 +213,9 @@ impl RealiseQueue {
         };
         let started = Instant::now();
         // The outputs that are not valid after it: every one when that is unknown.
-        let invalid = match self.workers.send(msg).await {
+        let invalid = match self.workers.send(msg).await.map_err(mailbox) {
             Ok(Ok(invalid)) => Some(invalid),
-            Ok(Err(e)) => {
-                log::warn!("realising {} images at once failed: {e}", batch.len());
-                None
-            }
-            Err(e) => {
+            Ok(Err(e)) | Err(e) => {
                 log::warn!("realising {} images at once failed: {e}", batch.len());
                 None
             }
