@@ -5,7 +5,7 @@
 //! makes batches. A request whose evaluation throws inside a batch (an unfree or
 //! broken package) is evaluated again alone, so its error is its own.
 
-use super::mailbox;
+use super::ask;
 use crate::actors::nix_worker::{Evaluate, EvaluateBatch, NixWorker};
 use crate::error::BuildError;
 use crate::nix::Evaluation;
@@ -72,6 +72,12 @@ pub(super) fn take_batch<T>(
     batch
 }
 
+/// How the log names a batch: how many images, and each one.
+pub(super) fn batch_label<'a>(labels: impl ExactSizeIterator<Item = &'a str>) -> String {
+    let n = labels.len();
+    format!("{n} images ({})", labels.collect::<Vec<_>>().join(", "))
+}
+
 impl EvalQueue {
     pub fn new(workers: Addr<NixWorker>, capacity: usize) -> Arc<Self> {
         Arc::new(EvalQueue {
@@ -131,38 +137,25 @@ impl EvalQueue {
     async fn run(&self, mut batch: Vec<Waiting>) {
         if batch.len() == 1 {
             let w = batch.pop().expect("one");
-            let result = match self.workers.send(w.job).await {
-                Ok(result) => result,
-                Err(e) => Err(mailbox(e)),
-            };
-            let _ = w.reply.send(result);
+            let _ = w.reply.send(ask(&self.workers, w.job).await);
             return;
         }
         let first = &batch[0].job;
         let msg = EvaluateBatch {
-            label: format!(
-                "{} images ({})",
-                batch.len(),
-                batch
-                    .iter()
-                    .map(|w| w.job.label.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            label: batch_label(batch.iter().map(|w| w.job.label.as_str())),
             source: first.source.clone(),
             system: first.system,
             requests: batch.iter().map(|w| w.job.packages.clone()).collect(),
             optional: first.optional.clone(),
         };
         let started = Instant::now();
-        let results = match self.workers.send(msg).await {
-            Ok(Ok(results)) if results.len() == batch.len() => results,
+        let results = match ask(&self.workers, msg).await {
+            Ok(results) if results.len() == batch.len() => results,
             // Whatever failed the whole evaluation, each request's own evaluation
             // says which of them it was.
             other => {
                 let why = match other {
-                    Ok(Ok(_)) => "a result missing".to_string(),
-                    Ok(Err(e)) => e.to_string(),
+                    Ok(_) => "a result missing".to_string(),
                     Err(e) => e.to_string(),
                 };
                 log::warn!(

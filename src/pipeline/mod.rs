@@ -121,19 +121,27 @@ impl NixRunner for NixPools {
 /// One NixWorker pool: each job waits for a free worker.
 impl NixRunner for Addr<NixWorker> {
     fn evaluate(&self, job: Evaluate) -> BoxFuture<'static, Result<Evaluation, BuildError>> {
-        let sent = self.send(job);
-        Box::pin(async move { sent.await.map_err(mailbox)? })
+        ask(self, job)
     }
 
     fn realise(&self, job: Realise) -> BoxFuture<'static, Result<Vec<StorePathInfo>, BuildError>> {
-        let sent = self.send(job);
-        Box::pin(async move { sent.await.map_err(mailbox)? })
+        ask(self, job)
     }
 
     fn pack(&self, job: Pack) -> BoxFuture<'static, Result<PackedLayer, BuildError>> {
-        let sent = self.send(job);
-        Box::pin(async move { sent.await.map_err(mailbox)? })
+        ask(self, job)
     }
+}
+
+/// Queues `job` with a pool now; its answer, or an error if the pool is gone.
+fn ask<M, T>(pool: &Addr<NixWorker>, job: M) -> BoxFuture<'static, Result<T, BuildError>>
+where
+    M: Message<Result = Result<T, BuildError>> + Send + 'static,
+    T: Send + 'static,
+    NixWorker: Handler<M>,
+{
+    let sent = pool.send(job);
+    Box::pin(async move { sent.await.map_err(mailbox)? })
 }
 
 /// How images are laid out and limited: every setting that changes an image's bytes

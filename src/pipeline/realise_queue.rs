@@ -9,8 +9,8 @@
 //! (see [`GATHER`]). An image whose outputs are not there when its batch fails is
 //! realised again alone, so its error is its own.
 
-use super::eval_queue::take_batch;
-use super::{mailbox, NixRunner};
+use super::eval_queue::{batch_label, take_batch};
+use super::{ask, NixRunner};
 use crate::actors::nix_worker::{Claim, NixWorker, ReadClosure, Realise, RealiseBatch};
 use crate::error::BuildError;
 use crate::layers::StorePathInfo;
@@ -190,32 +190,21 @@ impl RealiseQueue {
     async fn run(&self, mut batch: Vec<Waiting>) {
         if batch.len() == 1 {
             let w = batch.pop().expect("one");
-            let result = match self.workers.send(w.job).await {
-                Ok(result) => result,
-                Err(e) => Err(mailbox(e)),
-            };
+            let result = ask(&self.workers, w.job).await;
             let _ = w.reply.send(Outcome::Closure(result));
             return;
         }
         let msg = RealiseBatch {
-            label: format!(
-                "{} images ({})",
-                batch.len(),
-                batch
-                    .iter()
-                    .map(|w| w.job.label.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            label: batch_label(batch.iter().map(|w| w.job.label.as_str())),
             system: batch[0].job.system,
             evaluations: batch.iter().map(|w| w.job.evaluation.clone()).collect(),
             progress: batch.iter().map(|w| w.job.progress.clone()).collect(),
         };
         let started = Instant::now();
         // The outputs that are not valid after it: every one when that is unknown.
-        let invalid = match self.workers.send(msg).await.map_err(mailbox) {
-            Ok(Ok(invalid)) => Some(invalid),
-            Ok(Err(e)) | Err(e) => {
+        let invalid = match ask(&self.workers, msg).await {
+            Ok(invalid) => Some(invalid),
+            Err(e) => {
                 log::warn!("realising {} images at once failed: {e}", batch.len());
                 None
             }
@@ -261,9 +250,9 @@ async fn read_closure(
         label: job.label.clone(),
         outputs: job.evaluation.output_paths(),
     };
-    match readers.send(read).await {
-        Ok(Ok(closure)) => Ok(closure),
-        _ => {
+    match ask(&readers, read).await {
+        Ok(closure) => Ok(closure),
+        Err(_) => {
             let job = Realise {
                 claim: Claim::default(),
                 ..job
