@@ -26,7 +26,11 @@
 #   bigSource  a host directory copied into `bigpkg` (benchmarks). Also read
 #              from an optional file `bigsource` next to this file (holding an
 #              absolute path) or from env NIXERY_TEST_BIG_SOURCE. When none is
-#              set, `bigpkg` is a tiny package.
+#              set, `bigpkg` is a tiny package. An optional file
+#              `bigsourcehash` next to this file holds the source's NAR hash
+#              (`nix-hash --type sha256 --base32`): then the source is a fixed
+#              output, as a nixpkgs package's is, and evaluation does not read
+#              it again once it is in the store.
 #   slowSeconds how long `slow` sleeps while building (default 30).
 #   graphSeconds how long each `graph.gN` sleeps while building (default 0.5).
 #   config     nixpkgs' config: allowUnfree, allowUnfreePredicate,
@@ -65,6 +69,9 @@ let
     if bigSource != null then bigSource
     else if builtins.pathExists ./bigsource then trim (builtins.readFile ./bigsource)
     else if envBig != "" then envBig
+    else null;
+  bigHash =
+    if builtins.pathExists ./bigsourcehash then trim (builtins.readFile ./bigsourcehash)
     else null;
 
   # --- nixpkgs' impure defaults (lib/impure.nix), taken only when the caller
@@ -574,7 +581,8 @@ let
           '';
         }
       else
-        let src = builtins.path { path = bigPath; name = "bigpkg-source"; };
+        let src = builtins.path ({ path = bigPath; name = "bigpkg-source"; }
+          // (if bigHash == null then { } else { sha256 = bigHash; }));
         in mkPkg {
           name = "bigpkg-1.0";
           script = ''
