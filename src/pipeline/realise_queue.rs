@@ -48,6 +48,8 @@ pub struct RealiseQueue {
     readers: Addr<NixWorker>,
     /// Realisations running at once: the build workers.
     capacity: usize,
+    /// [`GATHER`], but for tests.
+    gather: Duration,
     /// Images on their way here: each holds a [`Coming`].
     coming: AtomicUsize,
     state: Mutex<State>,
@@ -90,10 +92,20 @@ enum Outcome {
 
 impl RealiseQueue {
     pub fn new(workers: Addr<NixWorker>, readers: Addr<NixWorker>, capacity: usize) -> Arc<Self> {
+        Self::gathering_for(workers, readers, capacity, GATHER)
+    }
+
+    fn gathering_for(
+        workers: Addr<NixWorker>,
+        readers: Addr<NixWorker>,
+        capacity: usize,
+        gather: Duration,
+    ) -> Arc<Self> {
         Arc::new(RealiseQueue {
             workers,
             readers,
             capacity: capacity.max(1),
+            gather,
             coming: AtomicUsize::new(0),
             state: Mutex::default(),
         })
@@ -163,7 +175,7 @@ impl RealiseQueue {
                 }
                 let head = &state.queue[0];
                 let others = state.running > 0 || self.coming.load(Ordering::SeqCst) > 0;
-                if others && !head.alone && head.queued.elapsed() < GATHER {
+                if others && !head.alone && head.queued.elapsed() < self.gather {
                     if !state.gathering {
                         state.gathering = true;
                         let queue = self.clone();
@@ -259,5 +271,139 @@ async fn read_closure(
             };
             readers.realise(job).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nix::{Evaluation, NixpkgsConfig, ResolvedPackage};
+    use actix::SyncArbiter;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    /// A `nix-store` that logs its arguments; `--realise` makes each `X.drv!out`'s
+    /// output `X` after a moment, registered as Nix leaves it (mtime 1), and the
+    /// queries answer for the paths they are given.
+    fn fake_nix(dir: &Path) -> NixWorker {
+        let bin = dir.join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let script = format!(
+            r#"#!/bin/sh
+echo "$*" >> {log}
+case "$1" in
+  --realise)
+    sleep 0.3
+    for a in "$@"; do case "$a" in
+      *.drv!out) p="${{a%.drv!out}}"; : > "$p"; touch -d @1 "$p";;
+    esac; done ;;
+  --query) for a in "$@"; do case "$a" in /*) echo "$a";; esac; done ;;
+  --dump-db) for a in "$@"; do case "$a" in /*) printf '%s\nsha256:00\n1\n\n0\n' "$a";; esac; done ;;
+esac
+"#,
+            log = dir.join("calls").display()
+        );
+        let path = bin.join("nix-store");
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        NixWorker {
+            expr_file: String::new(),
+            bin_dir: Some(bin),
+            eval_timeout: Duration::from_secs(30),
+            build_timeout: Duration::from_secs(30),
+            options: Vec::new(),
+            config: NixpkgsConfig {
+                allow_unfree: false,
+                file: String::new(),
+            },
+            home: dir.to_path_buf(),
+            cache_home: None,
+            path_labels: Vec::new(),
+        }
+    }
+
+    fn queue(dir: &Path, gather: Duration) -> Arc<RealiseQueue> {
+        let worker = fake_nix(dir);
+        let (w, r) = (worker.clone(), worker);
+        RealiseQueue::gathering_for(
+            SyncArbiter::start(2, move || w.clone()),
+            SyncArbiter::start(2, move || r.clone()),
+            2,
+            gather,
+        )
+    }
+
+    fn job(dir: &Path, name: &str) -> Realise {
+        let out = dir.join(name).display().to_string();
+        Realise {
+            label: name.to_string(),
+            system: "x86_64-linux",
+            evaluation: Evaluation {
+                missing: Vec::new(),
+                not_packages: Vec::new(),
+                packages: vec![ResolvedPackage {
+                    name: name.to_string(),
+                    drv_path: format!("{out}.drv"),
+                    output: "out".to_string(),
+                    path: out,
+                    licenses: Vec::new(),
+                    homepage: None,
+                }],
+            },
+            progress: Arc::new(|_| {}),
+            claim: Claim::default(),
+        }
+    }
+
+    fn realisations(dir: &Path) -> Vec<String> {
+        std::fs::read_to_string(dir.join("calls"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("--realise"))
+            .map(String::from)
+            .collect()
+    }
+
+    #[actix_rt::test]
+    async fn images_on_their_way_are_realised_with_the_first_in_one_nix_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(dir.path(), Duration::from_secs(60));
+        let coming: Vec<Coming> = (0..3).map(|_| q.coming()).collect();
+        let names = ["a", "b", "c"];
+        let answers: Vec<_> = names
+            .iter()
+            .map(|n| q.realise(job(dir.path(), n)))
+            .collect();
+        // The last of them queued: the first no longer waits for anyone.
+        drop(coming);
+        for (name, answer) in names.iter().zip(futures::future::join_all(answers).await) {
+            let closure = answer.unwrap_or_else(|e| panic!("{name}: {e}"));
+            let paths: Vec<&str> = closure.iter().map(|p| p.path.as_str()).collect();
+            assert_eq!(paths, [dir.path().join(name).to_str().unwrap()]);
+        }
+        let realised = realisations(dir.path());
+        assert_eq!(realised.len(), 1, "{realised:?}");
+        assert!(realised[0].contains("--keep-going"), "{realised:?}");
+        for name in names {
+            assert!(
+                realised[0].contains(&format!("/{name}.drv!out")),
+                "{realised:?}"
+            );
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_lone_image_on_an_idle_queue_is_realised_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        // Were it to wait for others, it would wait a minute.
+        let q = queue(dir.path(), Duration::from_secs(60));
+        let answer = tokio::time::timeout(Duration::from_secs(20), q.realise(job(dir.path(), "a")))
+            .await
+            .expect("a lone realisation waited for others")
+            .unwrap();
+        assert_eq!(answer.len(), 1);
+        let realised = realisations(dir.path());
+        assert_eq!(realised.len(), 1, "{realised:?}");
+        assert!(!realised[0].contains("--keep-going"), "{realised:?}");
     }
 }
