@@ -73,13 +73,12 @@ pub trait NixRunner: Send + Sync + 'static {
 /// already in the store is not a realisation to wait for either: it only queries
 /// its closure, which the evaluation workers do.
 pub struct NixPools {
-    pub evaluate: Addr<NixWorker>,
-    /// In front of `evaluate`: evaluations that queue are batched.
+    /// In front of the evaluation workers: evaluations that queue are batched.
     eval_queue: Arc<EvalQueue>,
-    pub realise: Addr<NixWorker>,
-    /// In front of `realise`: realisations that queue are batched.
+    /// In front of the build workers: realisations that queue are batched; closures
+    /// of images already built are read by the evaluation workers.
     realise_queue: Arc<RealiseQueue>,
-    pub pack: Addr<NixWorker>,
+    pack: Addr<NixWorker>,
 }
 
 impl NixPools {
@@ -92,9 +91,7 @@ impl NixPools {
     ) -> Self {
         NixPools {
             eval_queue: EvalQueue::new(evaluate.clone(), evaluators),
-            realise_queue: RealiseQueue::new(realise.clone(), evaluate.clone(), builders),
-            evaluate,
-            realise,
+            realise_queue: RealiseQueue::new(realise, evaluate, builders),
             pack,
         }
     }
