@@ -6,9 +6,10 @@
 //! are in flight while the next fills). A layer's digest, and so its name, is known
 //! only when packing ends, so the completed staging object is checked (its size
 //! against what the packer counted), copied inside the bucket to
-//! `blobs/sha256/<hex>` only if nothing is there yet, and deleted. Readers therefore only ever see complete blobs under
-//! digest names; a stream the packer abandons is aborted and leaves nothing. A
-//! layer that fits in one chunk goes straight to its digest name.
+//! `blobs/sha256/<hex>` only if nothing is there yet, and deleted. Readers therefore
+//! only ever see complete blobs under digest names; a stream the packer abandons is
+//! aborted and leaves nothing. A layer that fits in one chunk goes straight to its
+//! digest name.
 //!
 //! "Only if nothing is there" is S3's conditional write, `If-None-Match: *`: on a
 //! PUT for configs, manifests and leases, and on the completion of the one-part
