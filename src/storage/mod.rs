@@ -19,7 +19,7 @@ pub mod stream;
 
 use crate::reference::Digest;
 use bytes::Bytes;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use stream::BlobReceiver;
 
@@ -39,7 +39,20 @@ pub(crate) fn holder_is_dead(holder: &str) -> bool {
     let Ok(pid) = pid.parse::<u32>() else {
         return false;
     };
-    host == hostname() && pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+    host == hostname() && pid != std::process::id() && !process_runs(pid)
+}
+
+/// Whether process `pid` runs. A zombie (killed, not yet reaped by its parent)
+/// does not: it writes nothing more, and its parent may be slow to reap it.
+fn process_runs(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which may hold parentheses itself.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X'))
 }
 
 /// This process, as named in leases: `host:pid`.
@@ -608,4 +621,29 @@ pub(crate) async fn check_blob_use(s: &Storage) {
         .map(|b| b.digest)
         .collect();
     assert_eq!(left, vec![pieces_digest]);
+}
+
+#[cfg(test)]
+mod liveness_tests {
+    use super::process_runs;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_zombie_does_not_run() {
+        assert!(process_runs(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Exited but not reaped: a zombie until `wait`.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while process_runs(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!process_runs(pid), "pid {pid} still runs after exiting");
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "reaped too early"
+        );
+        child.wait().unwrap();
+        assert!(!process_runs(pid));
+    }
 }
