@@ -5,6 +5,7 @@
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -106,38 +107,44 @@ pub fn run_command_unless(
         }
         buf
     });
+    // A thread blocks in wait(2) and hands the status over: a poll of the child
+    // would add up to its interval to every run, and Nix's short queries last only
+    // a few of them.
+    let pid = child.id();
+    let (exited, status_of) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = exited.send(child.wait());
+    });
     let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(2);
     let mut next_check = Instant::now() + Duration::from_secs(1);
     let mut stuck = false;
     let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() >= deadline => break None,
-            Ok(None) if Instant::now() >= next_check => {
+        let now = Instant::now();
+        if now >= deadline {
+            break None;
+        }
+        match status_of.recv_timeout(next_check.min(deadline) - now) {
+            Ok(Ok(status)) => break Some(status),
+            Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => break None,
+            Err(RecvTimeoutError::Timeout) if Instant::now() >= next_check => {
                 next_check = Instant::now() + Duration::from_secs(1);
-                if stalled(child.id()) {
+                if stalled(pid) {
                     stuck = true;
                     break None;
                 }
             }
-            Ok(None) => {
-                thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(50));
-            }
-            Err(_) => break None,
+            Err(RecvTimeoutError::Timeout) => {}
         }
     };
     let Some(status) = status else {
         // SIGTERM first: nix-store then stops its builders, which run in sessions of
         // their own out of reach of a group kill; SIGKILL whatever is left after that.
-        signal_group(child.id(), libc::SIGTERM);
-        let grace = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < grace && matches!(child.try_wait(), Ok(None)) {
-            thread::sleep(Duration::from_millis(20));
+        signal_group(pid, libc::SIGTERM);
+        let waited = status_of.recv_timeout(Duration::from_secs(5));
+        signal_group(pid, libc::SIGKILL);
+        if let Err(RecvTimeoutError::Timeout) = waited {
+            let _ = status_of.recv();
         }
-        signal_group(child.id(), libc::SIGKILL);
-        let _ = child.wait();
         let stderr = err.join().unwrap_or_default();
         let _ = out.join();
         if stuck {
@@ -241,6 +248,29 @@ mod tests {
         }
         // The grandchild held stderr open; returning promptly shows it died too.
         assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_stalled_child_is_stopped_with_its_group() {
+        let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = asked.clone();
+        let mut cmd = Command::new("sh");
+        cmd.args(sh("echo started >&2; sleep 30 & sleep 30; wait"));
+        let result = run_command_unless(
+            cmd,
+            Duration::from_secs(120),
+            |_| {},
+            move |pid| {
+                assert!(pid > 0);
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 1
+            },
+        );
+        match result {
+            Err(RunError::Stalled { stderr, .. }) => assert_eq!(stderr, b"started\n"),
+            other => panic!("{other:?}"),
+        }
+        // Asked once a second until it said stuck: twice.
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[test]
