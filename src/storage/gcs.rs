@@ -2,15 +2,15 @@
 //! fake-gcs-server can stand in for GCS in tests.
 //!
 //! Layers stream into the bucket while they are compressed: the packer hands over
-//! chunks (see [`super::stream`]), each uploaded at once as its own part object
-//! under `staging/`, `storage.upload_chunks_in_flight` at a time, and checked (size
-//! and CRC-32C against what was sent). A layer's digest, and so its name, is known
-//! only when packing ends; then the bucket composes the parts into
-//! `blobs/sha256/<hex>`, the result is checked against the packer's size and CRC-32C
-//! and the parts are deleted. No byte is sent twice, nothing is copied, and readers
-//! only ever see complete blobs under digest names. A layer that fits in one chunk
-//! is known whole before anything is sent and goes straight to its digest name, like
-//! configs and manifests.
+//! pieces of 1 MiB (see [`super::stream`]), which go out at once into part objects
+//! of up to one chunk under `staging/`, `storage.upload_chunks_in_flight` parts at
+//! a time, each checked (size and CRC-32C against what was sent). A layer's digest,
+//! and so its name, is known only when packing ends; then the bucket composes the
+//! parts into `blobs/sha256/<hex>`, the result is checked against the packer's size
+//! and CRC-32C and the parts are deleted. No byte is sent twice, nothing is copied,
+//! and readers only ever see complete blobs under digest names. A layer that fits
+//! in one piece is known whole before anything is sent and goes straight to its
+//! digest name, like configs and manifests.
 //!
 //! Blobs are created with `ifGenerationMatch=0`, which makes a concurrent upload of
 //! the same digest by another replica harmless (GCS answers 412 and we report
@@ -19,7 +19,7 @@
 //!
 //! Every network operation has a deadline per attempt and is retried with
 //! exponential backoff on 408, 429, 5xx, timeouts and connection errors; a part is
-//! sent again whole, from the chunk still in memory. A stream that fails for good is
+//! sent again whole, from its pieces still in memory. A stream that fails for good is
 //! abandoned (the packer stops at its next chunk) and its parts deleted; the layer is
 //! packed again on the next request, which gives the same bytes.
 
@@ -58,6 +58,14 @@ const MIN_UPLOAD_BYTES_PER_SEC: u64 = 256 << 10;
 const OPEN_DEADLINE: Duration = Duration::from_secs(10);
 /// Source objects one compose request takes at most (a GCS limit).
 const COMPOSE_MAX: usize = 32;
+/// What the packer hands over at a time. A part's bytes go out as these come, so
+/// the link starts with the first megabyte compressed, not with the first part
+/// (4 MiB by default, 0.2 s of gzip on two cores); a layer that ends within one
+/// goes straight to its digest name.
+const STREAM_PIECE: usize = 1 << 20;
+/// A part still being filled is closed after this long, so that a packer slow to
+/// produce (a layer that compresses very well) never holds a request open for long.
+const PART_OPEN_MAX: Duration = Duration::from_secs(5);
 
 pub struct GcsStorage {
     /// Boxed: the client is a few hundred bytes and would bloat `Storage`.
@@ -65,11 +73,22 @@ pub struct GcsStorage {
     bucket: String,
     /// Bytes per part of a streamed upload.
     chunk: usize,
+    /// Bytes the packer hands over at a time (see [`STREAM_PIECE`]).
+    piece: usize,
+    /// [`PART_OPEN_MAX`], but for tests.
+    part_open_max: Duration,
     /// Parts of one layer uploaded at once.
     in_flight: usize,
     uploads: AtomicU64,
     /// Leases this process holds right now (see `Storage::acquire_lease`).
     pub(crate) held_leases: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// The part of a streamed layer being filled (see `GcsStorage::put_parts`).
+struct OpenPart {
+    tx: tokio::sync::mpsc::UnboundedSender<Bytes>,
+    len: usize,
+    close_at: tokio::time::Instant,
 }
 
 /// Why one attempt at an operation failed.
@@ -259,6 +278,8 @@ impl GcsStorage {
             client: Box::new(Client::new(config)),
             bucket: settings.bucket.clone(),
             chunk: settings.upload_chunk_bytes(),
+            piece: STREAM_PIECE.min(settings.upload_chunk_bytes()),
+            part_open_max: PART_OPEN_MAX,
             in_flight: settings.upload_chunks_in_flight,
             uploads: AtomicU64::new(0),
             held_leases: Default::default(),
@@ -357,6 +378,11 @@ impl GcsStorage {
         self.chunk
     }
 
+    /// Bytes the packer hands over at a time.
+    pub fn piece(&self) -> usize {
+        self.piece
+    }
+
     pub fn bucket(&self) -> &str {
         &self.bucket
     }
@@ -383,12 +409,12 @@ impl GcsStorage {
         staging::put_stream(self, pieces, media_type).await
     }
 
-    /// Streams a layer as parts, `staging.00000`, `staging.00001`…, each one chunk
-    /// uploaded whole and checked, up to `in_flight` of them at once, then composes
-    /// them inside the bucket into the blob's digest name. Parallel parts keep the
-    /// link busy while the packer fills the next chunk, where one resumable session
-    /// would wait for each chunk's round trip; the compose is done by the bucket, so
-    /// no byte is sent twice and no staging copy is made.
+    /// Streams a layer as parts, `staging.00000`, `staging.00001`…, each up to one
+    /// chunk and checked, up to `in_flight` of them at once, then composes them
+    /// inside the bucket into the blob's digest name. A part is uploaded while the
+    /// packer fills it, so the link carries the layer while it is compressed;
+    /// parallel parts keep it busy over each part's round trip. The compose is done
+    /// by the bucket, so no byte is sent twice and no staging copy is made.
     async fn put_parts(
         &self,
         staging: &str,
@@ -400,12 +426,15 @@ impl GcsStorage {
         let mut parts: Vec<String> = Vec::new();
         let mut sent = 0u64;
         let mut in_flight: FuturesUnordered<_> = FuturesUnordered::new();
+        // The part being filled: its pieces go to its upload as they come.
+        let mut open: Option<OpenPart> = None;
         let mut next = Some(Piece::Chunk(first));
         loop {
+            let closing = open.as_ref().map(|p| p.close_at);
             let piece = match next.take() {
                 Some(p) => p,
-                // A piece is taken only with a slot free, so a slow bucket slows the
-                // packer instead of piling chunks up in memory.
+                // A piece is taken only into an open part or with a slot free, so a
+                // slow bucket slows the packer instead of piling chunks up in memory.
                 None => tokio::select! {
                     done = in_flight.next(), if !in_flight.is_empty() => {
                         let done: Result<(usize, u64), OpError> = done.expect("not empty");
@@ -415,62 +444,127 @@ impl GcsStorage {
                         }
                         continue;
                     }
-                    p = pieces.next(), if in_flight.len() < self.in_flight => match p {
+                    _ = tokio::time::sleep_until(closing.unwrap_or_else(tokio::time::Instant::now)), if closing.is_some() => {
+                        open = None;
+                        continue;
+                    }
+                    p = pieces.next(), if open.is_some() || in_flight.len() < self.in_flight => match p {
                         Some(p) => p,
                         None => return Err(StorageError::Abandoned),
                     },
                 },
             };
-            match piece {
-                Piece::Chunk(bytes) => {
-                    sent += bytes.len() as u64;
-                    let name = part_name(staging, parts.len());
-                    in_flight.push(self.put_part(parts.len(), name.clone(), bytes));
-                    parts.push(name);
-                }
+            let (bytes, end) = match piece {
+                Piece::Chunk(bytes) => (bytes, None),
                 Piece::End {
                     tail,
                     digest,
                     size,
                     crc32c,
-                } => {
-                    sent += tail.len() as u64;
-                    if sent != size {
-                        return Err(fail(OpError::Invalid(format!(
-                            "packer reported {size} bytes, sent {sent}"
-                        ))));
+                } => (tail, Some((digest, size, crc32c))),
+            };
+            sent += bytes.len() as u64;
+            if !bytes.is_empty() {
+                let part = open.get_or_insert_with(|| {
+                    let name = part_name(staging, parts.len());
+                    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                    in_flight.push(self.stream_part(parts.len(), name.clone(), rx));
+                    parts.push(name);
+                    OpenPart {
+                        tx,
+                        len: 0,
+                        close_at: tokio::time::Instant::now() + self.part_open_max,
                     }
-                    if !tail.is_empty() {
-                        let name = part_name(staging, parts.len());
-                        in_flight.push(self.put_part(parts.len(), name.clone(), tail));
-                        parts.push(name);
-                    }
-                    while let Some(done) = in_flight.next().await {
-                        done.map_err(fail)?;
-                    }
-                    return self
-                        .compose_blob(staging, parts, &digest, size, crc32c, media_type)
-                        .await;
+                });
+                part.len += bytes.len();
+                // A part whose upload failed says so through `in_flight`.
+                let _ = part.tx.send(bytes);
+                if part.len >= self.chunk {
+                    open = None;
                 }
             }
+            let Some((digest, size, crc32c)) = end else {
+                continue;
+            };
+            // Closes the last part: its upload ends with what it has.
+            drop(open.take());
+            if sent != size {
+                return Err(fail(OpError::Invalid(format!(
+                    "packer reported {size} bytes, sent {sent}"
+                ))));
+            }
+            while let Some(done) = in_flight.next().await {
+                done.map_err(fail)?;
+            }
+            return self
+                .compose_blob(staging, parts, &digest, size, crc32c, media_type)
+                .await;
         }
     }
 
-    /// Uploads one part whole and checks that the bucket holds what was sent;
-    /// returns the part's index and length.
-    async fn put_part(
+    /// Uploads one part while its pieces still come in (until the sender is
+    /// dropped), keeping them so that a failed attempt can be sent again whole;
+    /// checks that the bucket holds what was sent and returns the part's index and
+    /// length.
+    async fn stream_part(
         &self,
         index: usize,
         name: String,
-        bytes: Bytes,
+        mut pieces: tokio::sync::mpsc::UnboundedReceiver<Bytes>,
     ) -> Result<(usize, u64), OpError> {
-        let len = bytes.len() as u64;
-        let crc = crc32c::update(0, &bytes);
-        let object = self
-            .upload_bytes(&name, bytes, "application/octet-stream")
-            .await?;
-        check_arrived(&object, len, crc)?;
-        Ok((index, len))
+        let (body, body_rx) =
+            futures::channel::mpsc::unbounded::<Result<Bytes, std::convert::Infallible>>();
+        let req = UploadObjectRequest {
+            bucket: self.bucket.clone(),
+            ..Default::default()
+        };
+        let media = UploadType::Simple(Media {
+            name: name.clone().into(),
+            content_type: "application/octet-stream".into(),
+            content_length: None,
+        });
+        let upload = self.client.upload_streamed_object(&req, body_rx, &media);
+        let forward = async move {
+            let mut kept = Vec::new();
+            while let Some(piece) = pieces.recv().await {
+                // The body is gone when the attempt failed; the pieces are still kept.
+                let _ = body.unbounded_send(Ok(piece.clone()));
+                kept.push(piece);
+            }
+            kept
+        };
+        tokio::pin!(upload, forward);
+        let (first_try, kept) = tokio::select! {
+            kept = &mut forward => {
+                // All of it handed over: from here the upload has the time a whole
+                // part of this size has.
+                let len: usize = kept.iter().map(Bytes::len).sum();
+                let answer = with_timeout(upload_timeout(len as u64), async {
+                    Ok((&mut upload).await?)
+                })
+                .await;
+                (answer, kept)
+            }
+            // An answer before the part was complete: a failure.
+            answer = &mut upload => (answer.map_err(OpError::from), forward.await),
+        };
+        let len: usize = kept.iter().map(Bytes::len).sum();
+        let crc = kept.iter().fold(0, |crc, piece| crc32c::update(crc, piece));
+        let object = match first_try {
+            Ok(object) => object,
+            Err(e) if e.kind() == Kind::Transient => {
+                log::warn!("gcs upload {name}: {e}; sending it again whole");
+                let mut whole = bytes::BytesMut::with_capacity(len);
+                for piece in &kept {
+                    whole.extend_from_slice(piece);
+                }
+                self.upload_bytes(&name, whole.freeze(), "application/octet-stream")
+                    .await?
+            }
+            Err(e) => return Err(e),
+        };
+        check_arrived(&object, len as u64, crc)?;
+        Ok((index, len as u64))
     }
 
     /// Composes the checked parts into `blobs/sha256/<hex>` (through intermediate
@@ -1091,6 +1185,7 @@ mod tests {
     use super::test_support::start_fake_gcs;
     use super::*;
     use std::io::{Read, Write};
+    use std::sync::Arc;
     use std::time::Instant;
 
     fn settings(bucket: &str, endpoint: &str) -> StorageSettings {
@@ -1258,11 +1353,44 @@ mod tests {
                             .then(|| v.trim().parse().ok())?
                     })
                     .unwrap_or(0);
-                while req.len() < head_end + len {
-                    let n = s.read(&mut buf).unwrap();
-                    assert!(n > 0, "connection closed mid-body");
-                    req.extend_from_slice(&buf[..n]);
-                }
+                let chunked = head.lines().any(|l| {
+                    l.split_once(':').is_some_and(|(k, v)| {
+                        k.eq_ignore_ascii_case("transfer-encoding") && v.trim() == "chunked"
+                    })
+                });
+                let body = if chunked {
+                    // A streamed part: chunks until the empty one.
+                    let mut body = Vec::new();
+                    let mut at = head_end;
+                    loop {
+                        while !req[at..].windows(2).any(|w| w == b"\r\n") {
+                            let n = s.read(&mut buf).unwrap();
+                            assert!(n > 0, "connection closed mid-chunk");
+                            req.extend_from_slice(&buf[..n]);
+                        }
+                        let line = at + req[at..].windows(2).position(|w| w == b"\r\n").unwrap();
+                        let size = std::str::from_utf8(&req[at..line]).unwrap();
+                        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+                        let data = line + 2;
+                        while req.len() < data + size + 2 {
+                            let n = s.read(&mut buf).unwrap();
+                            assert!(n > 0, "connection closed mid-chunk");
+                            req.extend_from_slice(&buf[..n]);
+                        }
+                        body.extend_from_slice(&req[data..data + size]);
+                        at = data + size + 2;
+                        if size == 0 {
+                            break body;
+                        }
+                    }
+                } else {
+                    while req.len() < head_end + len {
+                        let n = s.read(&mut buf).unwrap();
+                        assert!(n > 0, "connection closed mid-body");
+                        req.extend_from_slice(&buf[..n]);
+                    }
+                    req[head_end..].to_vec()
+                };
                 let _ = write!(
                     s,
                     "HTTP/1.1 {} X\r\n{}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
@@ -1271,7 +1399,7 @@ mod tests {
                     r.body.len(),
                     r.body
                 );
-                seen.push((head, req[head_end..].to_vec()));
+                seen.push((head, body));
             }
             seen
         });
@@ -1672,6 +1800,142 @@ mod tests {
         assert!(!storage.acquire_lease("build", ttl).await.unwrap());
         storage.release_lease("build").await.unwrap();
         assert!(storage.acquire_lease("build", ttl).await.unwrap());
+    }
+
+    /// A TCP proxy to `port` that counts the bytes clients send through it.
+    fn counting_proxy(port: u16) -> (String, Arc<AtomicU64>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let sent = Arc::new(AtomicU64::new(0));
+        let counter = sent.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let server = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                let (mut c_read, mut s_write) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut s_read, mut c_write) = (server, client);
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 64 << 10];
+                    while let Ok(n @ 1..) = c_read.read(&mut buf) {
+                        counter.fetch_add(n as u64, Ordering::SeqCst);
+                        if s_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s_write.shutdown(std::net::Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_read, &mut c_write);
+                    let _ = c_write.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        (endpoint, sent)
+    }
+
+    /// Streams 6 MiB in 4 MiB parts through a counting proxy: the packer writes
+    /// half of the first part, then waits (up to a minute) until `go_on` says so
+    /// before writing the rest. Checks the blob stored; false when the packer
+    /// gave up waiting.
+    async fn stream_with_a_pause(
+        part_open_max: Duration,
+        go_on: impl Fn(u16, u64) -> bool + Send + 'static,
+    ) -> bool {
+        let Some(gcs) = start_fake_gcs(&["parts"]) else {
+            return true;
+        };
+        let (endpoint, sent) = counting_proxy(gcs.port);
+        let mut s = GcsStorage::open(&StorageSettings {
+            upload_chunk_mib: 4,
+            ..settings("parts", &endpoint)
+        })
+        .await
+        .unwrap();
+        s.part_open_max = part_open_max;
+        assert_eq!((s.chunk(), s.piece()), (4 << 20, 1 << 20));
+        let data = random_bytes(6 << 20);
+        let d = Digest::of(&data);
+        let (mut tx, rx) = super::super::stream::channel(s.piece());
+        let before = sent.load(Ordering::SeqCst);
+        let packer = {
+            let data = data.clone();
+            let port = gcs.port;
+            std::thread::spawn(move || {
+                tx.write_all(&data[..2 << 20]).unwrap();
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !go_on(port, sent.load(Ordering::SeqCst) - before) {
+                    if Instant::now() > deadline {
+                        return false;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                tx.write_all(&data[2 << 20..]).unwrap();
+                tx.finish(Digest::of(&data), data.len() as u64).unwrap();
+                true
+            })
+        };
+        let put = s.put_blob_stream(rx, "application/octet-stream").await;
+        let waited = tokio::task::spawn_blocking(move || packer.join().unwrap())
+            .await
+            .unwrap();
+        if !waited {
+            return false;
+        }
+        assert_eq!(
+            put.unwrap(),
+            Put {
+                uploaded: true,
+                bytes: data.len() as u64
+            }
+        );
+        let stored = s
+            .client
+            .download_object(
+                &GetObjectRequest {
+                    bucket: "parts".into(),
+                    object: blob_object(&d),
+                    ..Default::default()
+                },
+                &Range::default(),
+            )
+            .await
+            .unwrap();
+        assert!(
+            stored == data,
+            "the composed blob differs from what was packed"
+        );
+        true
+    }
+
+    #[tokio::test]
+    async fn a_part_goes_out_while_the_packer_still_fills_it() {
+        // A part open for an hour: only streaming gets a byte of it out before
+        // the packer writes more.
+        let streamed =
+            stream_with_a_pause(Duration::from_secs(3600), |_, sent| sent >= 1 << 20).await;
+        assert!(streamed, "nothing of a half-filled part was sent");
+    }
+
+    #[tokio::test]
+    async fn a_part_the_packer_is_slow_to_fill_is_closed() {
+        // The packer waits until the first part is stored whole, which takes a
+        // closed part: it has half of its 4 MiB.
+        let closed = stream_with_a_pause(Duration::from_millis(100), |port, _| {
+            // fake-gcs-server may hold a listing until an upload in progress ends.
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            write!(
+                s,
+                "GET /storage/v1/b/parts/o?prefix=staging%2F HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"
+            )
+            .unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).is_ok() && answer.contains("\"staging/")
+        })
+        .await;
+        assert!(closed, "a half-filled part stayed open");
     }
 
     #[tokio::test]

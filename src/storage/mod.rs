@@ -216,7 +216,7 @@ impl Storage {
     pub fn stream_chunk(&self) -> usize {
         match self {
             Storage::Filesystem(_) => filesystem::STREAM_CHUNK,
-            Storage::Gcs(s) => s.chunk(),
+            Storage::Gcs(s) => s.piece(),
             Storage::S3(s) => s.chunk(),
             #[cfg(test)]
             Storage::Memory(_) => memory::STREAM_CHUNK,
