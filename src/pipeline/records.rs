@@ -186,9 +186,13 @@ pub(super) async fn store_image(
 }
 
 /// One record per subject manifest, naming its artifacts, so the referrers API
-/// answers on any process before it has seen the image.
+/// answers on any process before it has seen the image. Written side by side (on
+/// a bucket each is a round trip), and once for a zstd image, whose one manifest
+/// stands in for both formats.
 async fn store_referrers(c: &BuildContext, image: &BuiltImage) -> Result<(), BuildError> {
-    for subject in [&image.docker.digest, &image.oci.digest] {
+    let mut subjects = vec![&image.docker.digest, &image.oci.digest];
+    subjects.dedup();
+    futures::future::try_join_all(subjects.into_iter().map(|subject| {
         let manifests = image
             .referrers
             .iter()
@@ -196,15 +200,14 @@ async fn store_referrers(c: &BuildContext, image: &BuiltImage) -> Result<(), Bui
             .map(|r| String::from_utf8_lossy(&r.manifest.bytes).into_owned())
             .collect();
         let record = ReferrersRecord { manifests };
-        c.storage
-            .write_record(
-                RecordKind::Referrers,
-                subject.hex(),
-                Bytes::from(serde_json::to_vec(&record).expect("records serialise")),
-            )
-            .await
-            .map_err(storage_error)?;
-    }
+        c.storage.write_record(
+            RecordKind::Referrers,
+            subject.hex(),
+            Bytes::from(serde_json::to_vec(&record).expect("records serialise")),
+        )
+    }))
+    .await
+    .map_err(storage_error)?;
     Ok(())
 }
 

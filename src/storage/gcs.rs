@@ -552,7 +552,9 @@ impl GcsStorage {
         let crc = kept.iter().fold(0, |crc, piece| crc32c::update(crc, piece));
         let object = match first_try {
             Ok(object) => object,
-            Err(e) if e.kind() == Kind::Transient => {
+            // Transient, or a bucket (or proxy) that takes no body of unknown length:
+            // the part again whole, which fails the same way when it is for good.
+            Err(e) => {
                 log::warn!("gcs upload {name}: {e}; sending it again whole");
                 let mut whole = bytes::BytesMut::with_capacity(len);
                 for piece in &kept {
@@ -561,7 +563,6 @@ impl GcsStorage {
                 self.upload_bytes(&name, whole.freeze(), "application/octet-stream")
                     .await?
             }
-            Err(e) => return Err(e),
         };
         check_arrived(&object, len as u64, crc)?;
         Ok((index, len as u64))
@@ -1576,6 +1577,11 @@ mod tests {
             vec![
                 canned(200, BUCKET_JSON),
                 canned(200, EMPTY_LIST_JSON),
+                canned(
+                    403,
+                    r#"{"error":{"code":403,"message":"denied","errors":[]}}"#,
+                ),
+                // The streamed part sent again whole, refused the same way.
                 canned(
                     403,
                     r#"{"error":{"code":403,"message":"denied","errors":[]}}"#,
