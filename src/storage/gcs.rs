@@ -524,32 +524,32 @@ impl GcsStorage {
             content_length: None,
         });
         let upload = self.client.upload_streamed_object(&req, body_rx, &media);
+        // The part's length and CRC-32C are counted as its pieces pass.
         let forward = async move {
-            let mut kept = Vec::new();
+            let (mut kept, mut len, mut crc) = (Vec::new(), 0usize, 0u32);
             while let Some(piece) = pieces.recv().await {
                 // The body is gone when the attempt failed; the pieces are still kept.
                 let _ = body.unbounded_send(Ok(piece.clone()));
+                len += piece.len();
+                crc = crc32c::update(crc, &piece);
                 kept.push(piece);
             }
-            kept
+            (kept, len, crc)
         };
         tokio::pin!(upload, forward);
-        let (first_try, kept) = tokio::select! {
-            kept = &mut forward => {
+        let (first_try, (kept, len, crc)) = tokio::select! {
+            part = &mut forward => {
                 // All of it handed over: from here the upload has the time a whole
                 // part of this size has.
-                let len: usize = kept.iter().map(Bytes::len).sum();
-                let answer = with_timeout(upload_timeout(len as u64), async {
+                let answer = with_timeout(upload_timeout(part.1 as u64), async {
                     Ok((&mut upload).await?)
                 })
                 .await;
-                (answer, kept)
+                (answer, part)
             }
             // An answer before the part was complete: a failure.
             answer = &mut upload => (answer.map_err(OpError::from), forward.await),
         };
-        let len: usize = kept.iter().map(Bytes::len).sum();
-        let crc = kept.iter().fold(0, |crc, piece| crc32c::update(crc, piece));
         let object = match first_try {
             Ok(object) => object,
             // Transient, or a bucket (or proxy) that takes no body of unknown length:
