@@ -333,12 +333,26 @@ pub async fn build_image(c: &Arc<BuildContext>, job: &Job) -> Result<Arc<BuiltIm
         let plans = plan_layers(&c.settings, &evaluation, &closure)?;
         // The symlink layer needs nothing from the others: packed alongside them,
         // it is not a round trip after the largest one.
-        let (mut layers, (top, runtime)) = futures::try_join!(
+        let ((mut layers, stored), (top, runtime, top_stored)) = futures::try_join!(
             store::store_layers(c, job, &plans, &closure, &tally),
             store::symlink_layer(c, job, &evaluation, &tally),
         )?;
         layers.push(top);
-        let image = assemble(c, job, &evaluation, &closure, &layers, &runtime, &tally).await?;
+        // The config, manifests and SBOM go up while the last layers' uploads end:
+        // nothing names them before the image record, written once all is stored.
+        let ((image, size), (), ()) = futures::try_join!(
+            assemble(c, job, &evaluation, &closure, &layers, &runtime, &tally),
+            stored,
+            top_stored,
+        )?;
+        log::info!(
+            "build {}: {} layers reused, {} layers built, {} bytes uploaded, image {} bytes",
+            job.label(),
+            tally.reused.load(Ordering::Relaxed),
+            tally.built.load(Ordering::Relaxed),
+            tally.uploaded.load(Ordering::Relaxed),
+            size,
+        );
         records::store_image(c, job, &image_key, &image).await?;
         Ok(image)
     }
@@ -506,8 +520,8 @@ fn plan_layers(
     ))
 }
 
-/// Step 5: the config and both manifests over the stored layers, and the SBOM
-/// attached to them.
+/// Step 5: the config and both manifests over the layers, and the SBOM attached
+/// to them; with the image's size (layers and config).
 async fn assemble(
     c: &BuildContext,
     job: &Job,
@@ -516,7 +530,7 @@ async fn assemble(
     layers: &[LayerEntry],
     runtime: &RuntimeConfig,
     tally: &Tally,
-) -> Result<Arc<BuiltImage>, BuildError> {
+) -> Result<(Arc<BuiltImage>, u64), BuildError> {
     let config = Bytes::from(manifest::config_blob(job.arch, layers, runtime));
     let config_digest = crate::reference::Digest::of(&config);
     let mut blobs = vec![(config.clone(), manifest::DOCKER_CONFIG)];
@@ -551,20 +565,9 @@ async fn assemble(
     let (sbom, referrers) = store::sbom_blobs(job, evaluation, closure, subjects)?;
     blobs.extend(sbom);
     store::put_blobs(c, blobs, tally).await?;
-    log::info!(
-        "build {}: {} layers reused, {} layers built, {} bytes uploaded, image {} bytes",
-        job.label(),
-        tally.reused.load(Ordering::Relaxed),
-        tally.built.load(Ordering::Relaxed),
-        tally.uploaded.load(Ordering::Relaxed),
-        layers.iter().map(|e| e.size).sum::<u64>() + config.len() as u64,
-    );
-    Ok(Arc::new(BuiltImage::new(
-        docker,
-        oci,
-        referrers,
-        Vec::new(),
-    )))
+    let size = layers.iter().map(|e| e.size).sum::<u64>() + config.len() as u64;
+    let image = BuiltImage::new(docker, oci, referrers, Vec::new());
+    Ok((Arc::new(image), size))
 }
 
 /// What one build did, for its log line; steps that run side by side add to it.
@@ -578,6 +581,17 @@ pub(crate) struct Tally {
 impl Tally {
     fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A layer stored: the bytes uploaded with it, or None when it was reused.
+    fn count(&self, uploaded: Option<u64>) {
+        match uploaded {
+            Some(bytes) => {
+                Tally::add(&self.built, 1);
+                Tally::add(&self.uploaded, bytes);
+            }
+            None => Tally::add(&self.reused, 1),
+        }
     }
 }
 

@@ -16,7 +16,7 @@ use crate::reference::Digest;
 use crate::sbom;
 use crate::storage::{self, RecordKind, StorageError};
 use bytes::Bytes;
-use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::future::{BoxFuture, Either, FutureExt, Shared};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -24,19 +24,26 @@ use std::sync::Arc;
 /// same SBOM bytes (the package set's own time is not known for a path source).
 const SBOM_CREATED: &str = "1970-01-01T00:00:00Z";
 
-/// A layer being packed for one build, awaited by every build that needs it.
-/// Its result: the layer, and the bytes uploaded if it was packed rather than found.
-pub(super) type PendingLayer =
-    Shared<BoxFuture<'static, Result<(LayerEntry, Option<u64>), BuildError>>>;
+/// A packed layer's upload and record, still under way once its digest is known.
+/// Its result: the bytes uploaded, or None when the layer was found stored.
+pub(super) type Storing = Shared<BoxFuture<'static, Result<Option<u64>, BuildError>>>;
 
-/// Every planned layer, stored: reused where storage has it, packed otherwise.
-pub(super) async fn store_layers(
-    c: &Arc<BuildContext>,
-    job: &Job,
+/// A layer being packed for one build, awaited by every build that needs it. It
+/// resolves once the layer's digest is known, so that the config and manifests go
+/// up while the upload ends (a compose on a bucket); `Storing` says when it is
+/// stored.
+pub(super) type PendingLayer =
+    Shared<BoxFuture<'static, Result<(LayerEntry, Storing), BuildError>>>;
+
+/// Every planned layer, its digest known: reused where storage has it, packed
+/// otherwise. The future returned ends when every packed one is stored.
+pub(super) async fn store_layers<'a>(
+    c: &'a Arc<BuildContext>,
+    job: &'a Job,
     plans: &[LayerPlan],
     closure: &[StorePathInfo],
-    tally: &Tally,
-) -> Result<Vec<LayerEntry>, BuildError> {
+    tally: &'a Tally,
+) -> Result<(Vec<LayerEntry>, BoxFuture<'a, Result<(), BuildError>>), BuildError> {
     let nar_sizes: HashMap<&str, u64> = closure
         .iter()
         .map(|p| (p.path.as_str(), p.nar_size))
@@ -52,23 +59,31 @@ pub(super) async fn store_layers(
         plans.len() + 1
     );
     let codec = c.settings.codec(job.request.compression());
-    let done = futures::future::join_all(plans.iter().map(|plan| {
-        let nar: u64 = plan
-            .paths
-            .iter()
-            .map(|p| nar_sizes.get(p.as_str()).copied().unwrap_or(0))
-            .sum();
-        async move {
-            let done = layer(c, codec, plan, tally).await;
+    let packed =
+        futures::future::try_join_all(plans.iter().map(|plan| layer(c, codec, plan))).await?;
+    let (entries, storing): (Vec<_>, Vec<_>) = packed.into_iter().unzip();
+    let nars: Vec<u64> = plans
+        .iter()
+        .map(|plan| {
+            plan.paths
+                .iter()
+                .map(|p| nar_sizes.get(p.as_str()).copied().unwrap_or(0))
+                .sum()
+        })
+        .collect();
+    let stored = futures::future::try_join_all(storing.into_iter().zip(nars).map(
+        move |(storing, nar)| async move {
+            tally.count(storing.await?);
             c.shared.update(&job.key, |p| {
                 p.layers_done += 1;
                 p.bytes_done += nar;
             });
-            done
-        }
-    }))
-    .await;
-    done.into_iter().collect()
+            Ok(())
+        },
+    ))
+    .map(|done| done.map(drop))
+    .boxed();
+    Ok((entries, stored))
 }
 
 /// One layer: reused when this process or storage already has it, otherwise packed
@@ -77,8 +92,7 @@ async fn layer(
     c: &Arc<BuildContext>,
     codec: Codec,
     plan: &LayerPlan,
-    tally: &Tally,
-) -> Result<LayerEntry, BuildError> {
+) -> Result<(LayerEntry, Storing), BuildError> {
     let key = layer_key(&plan.paths, codec);
     let remembered = c.layers.lock().expect("layer memo lock").get(&key).cloned();
     if let Some(record) = remembered {
@@ -89,8 +103,7 @@ async fn layer(
         if stored {
             c.shared.stats.layers_reused.inc();
             c.shared.stats.cache_hit("layer");
-            Tally::add(&tally.reused, 1);
-            return Ok(entry_of(&record));
+            return Ok((entry_of(&record), found()));
         }
         c.layers.lock().expect("layer memo lock").remove(&key);
     }
@@ -100,47 +113,69 @@ async fn layer(
             .entry(key.clone())
             .or_insert_with(|| {
                 let c = c.clone();
-                let key = key.clone();
                 let plan = plan.clone();
                 async move {
-                    let result = build_layer(&c, codec, &key, &plan).await;
-                    c.layer_builds
-                        .lock()
-                        .expect("layer builds lock")
-                        .remove(&key);
-                    result
+                    let forget = |c: &BuildContext, key: &str| {
+                        c.layer_builds
+                            .lock()
+                            .expect("layer builds lock")
+                            .remove(key);
+                    };
+                    let (entry, storing) = match build_layer(&c, codec, &key, &plan).await {
+                        Ok(packed) => packed,
+                        Err(e) => {
+                            forget(&c, &key);
+                            return Err(e);
+                        }
+                    };
+                    let storing = async move {
+                        let stored = storing.await;
+                        forget(&c, &key);
+                        stored
+                    }
+                    .boxed()
+                    .shared();
+                    // Runs to its end, record included, even when every build that
+                    // waits for it has stopped.
+                    tokio::spawn(storing.clone());
+                    Ok((entry, storing))
                 }
                 .boxed()
                 .shared()
             })
             .clone()
     };
-    let (entry, uploaded) = pending.await?;
-    match uploaded {
-        Some(bytes) => {
-            Tally::add(&tally.built, 1);
-            Tally::add(&tally.uploaded, bytes);
-        }
-        None => Tally::add(&tally.reused, 1),
-    }
-    Ok(entry)
+    pending.await
 }
 
+/// The `Storing` of a layer found stored.
+fn found() -> Storing {
+    futures::future::ready(Ok(None)).boxed().shared()
+}
+
+/// Packs a layer that storage has no record of; the future returned ends once it
+/// is stored and recorded.
 async fn build_layer(
-    c: &BuildContext,
+    c: &Arc<BuildContext>,
     codec: Codec,
     key: &str,
     plan: &LayerPlan,
-) -> Result<(LayerEntry, Option<u64>), BuildError> {
+) -> Result<
+    (
+        LayerEntry,
+        BoxFuture<'static, Result<Option<u64>, BuildError>>,
+    ),
+    BuildError,
+> {
     if let Some(record) = records::stored_layer(c, key).await? {
         c.layers
             .lock()
             .expect("layer memo lock")
             .insert(key.to_string(), record.clone());
         c.shared.stats.layers_reused.inc();
-        return Ok((entry_of(&record), None));
+        return Ok((entry_of(&record), futures::future::ready(Ok(None)).boxed()));
     }
-    let (packed, uploaded) = pack(c, codec, store_contents(plan)).await?;
+    let (packed, upload) = pack(c, codec, store_contents(plan)).await?;
     let record = LayerRecord {
         digest: packed.summary.digest.clone(),
         diff_id: packed.summary.diff_id.clone(),
@@ -148,20 +183,26 @@ async fn build_layer(
         rating: plan.rating,
         paths: plan.paths.len(),
     };
-    c.storage
-        .write_record(
-            RecordKind::Layer,
-            key,
-            Bytes::from(serde_json::to_vec(&record).expect("records serialise")),
-        )
-        .await
-        .map_err(storage_error)?;
-    c.layers
-        .lock()
-        .expect("layer memo lock")
-        .insert(key.to_string(), record.clone());
-    c.shared.stats.layers_built.inc();
-    Ok((entry_of(&record), Some(uploaded)))
+    let entry = entry_of(&record);
+    let (c, key) = (c.clone(), key.to_string());
+    let stored = async move {
+        let uploaded = upload.await?;
+        c.storage
+            .write_record(
+                RecordKind::Layer,
+                &key,
+                Bytes::from(serde_json::to_vec(&record).expect("records serialise")),
+            )
+            .await
+            .map_err(storage_error)?;
+        c.layers
+            .lock()
+            .expect("layer memo lock")
+            .insert(key, record);
+        c.shared.stats.layers_built.inc();
+        Ok(Some(uploaded))
+    };
+    Ok((entry, stored.boxed()))
 }
 
 fn entry_of(record: &LayerRecord) -> LayerEntry {
@@ -174,18 +215,24 @@ fn entry_of(record: &LayerRecord) -> LayerEntry {
 
 /// The layer on top: the image's own root file system of symlinks into the
 /// packages, made in Rust so that no builder of the target platform is needed. The
-/// runtime config follows from what it holds.
-pub(super) async fn symlink_layer(
-    c: &BuildContext,
+/// runtime config follows from what it holds. The future returned ends once the
+/// layer is stored.
+pub(super) async fn symlink_layer<'a>(
+    c: &'a Arc<BuildContext>,
     job: &Job,
     evaluation: &Evaluation,
-    tally: &Tally,
-) -> Result<(LayerEntry, RuntimeConfig), BuildError> {
+    tally: &'a Tally,
+) -> Result<
+    (
+        LayerEntry,
+        RuntimeConfig,
+        BoxFuture<'a, Result<(), BuildError>>,
+    ),
+    BuildError,
+> {
     let codec = c.settings.codec(job.request.compression());
     let contents = LayerContents::Symlinks(top_level_packages(evaluation));
-    let (packed, uploaded) = pack(c, codec, contents).await?;
-    Tally::add(&tally.built, 1);
-    Tally::add(&tally.uploaded, uploaded);
+    let (packed, upload) = pack(c, codec, contents).await?;
     let info = packed.symlinks.unwrap_or_default();
     let mut env = vec!["PATH=/bin:/sbin:/usr/bin:/usr/sbin".to_string()];
     if info.has_cacert {
@@ -200,46 +247,79 @@ pub(super) async fn symlink_layer(
         diff_id: packed.summary.diff_id,
         size: packed.summary.size,
     };
-    Ok((entry, runtime))
+    let stored = async move {
+        tally.count(Some(upload.await?));
+        Ok(())
+    };
+    Ok((entry, runtime, stored.boxed()))
 }
 
-/// Packs a layer on a worker while storage takes it in, chunk by chunk; returns
-/// the bytes uploaded with it.
+/// Packs a layer on a worker while storage takes it in, chunk by chunk. Returns
+/// once it is packed, with its upload: that ends later, once storage has the layer
+/// under its digest, with the bytes uploaded.
 async fn pack(
-    c: &BuildContext,
+    c: &Arc<BuildContext>,
     codec: Codec,
     contents: LayerContents,
-) -> Result<(PackedLayer, u64), BuildError> {
+) -> Result<(PackedLayer, BoxFuture<'static, Result<u64, BuildError>>), BuildError> {
     let (sink, pieces) = storage::stream::channel(c.storage.stream_chunk());
-    let (packed, put) = futures::join!(
-        c.nix.pack(Pack {
+    let packing = c
+        .nix
+        .pack(Pack {
             contents,
             sink,
-            codec
-        }),
-        c.uploader.send(PutBlobStream {
+            codec,
+        })
+        .boxed();
+    let put = c
+        .uploader
+        .send(PutBlobStream {
             pieces,
             media_type: manifest::layer_media_type(ManifestFormat::Oci, codec.compression()),
         })
-    );
-    // Each side stops when the other does; the storage failure is the cause unless
-    // storage only saw the packer stop.
-    let put: Put = match put.map_err(mailbox)? {
-        Err(StorageError::Abandoned) => {
-            return Err(packed.err().unwrap_or_else(|| {
-                BuildError::Internal("the packed layer did not reach storage".into())
-            }))
+        .boxed();
+    let (packed, put) = match futures::future::select(packing, put).await {
+        Either::Left((packed, put)) => match packed {
+            Ok(packed) => (packed, put.boxed()),
+            // Each side stops when the other does; the storage failure is the
+            // cause unless storage only saw the packer stop.
+            Err(e) => {
+                return Err(match put.await.map_err(mailbox)? {
+                    Err(StorageError::Abandoned) | Ok(_) => e,
+                    Err(s) => storage_error(s),
+                })
+            }
+        },
+        Either::Right((put, packing)) => {
+            let packed = packing.await;
+            match (put, packed) {
+                (Ok(Err(StorageError::Abandoned)), Err(e)) => return Err(e),
+                (Ok(Err(e)), _) => return Err(storage_error(e)),
+                (_, Err(e)) => return Err(e),
+                (put, Ok(packed)) => (packed, futures::future::ready(put).boxed()),
+            }
         }
-        Err(e) => return Err(storage_error(e)),
-        Ok(put) => put,
     };
-    let packed = packed?;
-    c.shared.remember_blob(&packed.digest);
-    if put.uploaded {
-        c.shared.note_use(&packed.digest);
-    }
-    c.shared.stats.bytes_uploaded.inc_by(put.bytes);
-    Ok((packed, put.bytes))
+    let digest = packed.digest.clone();
+    let c = c.clone();
+    let stored = async move {
+        let put: Put = match put.await.map_err(mailbox)? {
+            Err(StorageError::Abandoned) => {
+                return Err(BuildError::Internal(
+                    "the packed layer did not reach storage".into(),
+                ))
+            }
+            Err(e) => return Err(storage_error(e)),
+            Ok(put) => put,
+        };
+        c.shared.remember_blob(&digest);
+        if put.uploaded {
+            c.shared.note_use(&digest);
+        }
+        c.shared.stats.bytes_uploaded.inc_by(put.bytes);
+        Ok(put.bytes)
+    };
+    Ok((packed, stored.boxed()))
 }
 
 /// Stores small bytes (a config, the SBOM) under their digest.

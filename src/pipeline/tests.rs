@@ -263,3 +263,61 @@ async fn new_builds_need_a_caller_allowed_to_build_within_its_allowance() {
     let bob = job("hello/cowsay", Arch::Amd64).for_client(client("bob", true));
     build_image(&c, &bob).await.unwrap();
 }
+
+#[actix_rt::test]
+async fn the_config_and_manifests_are_stored_while_the_layers_uploads_end() {
+    let nix = FakeNix::new(vec![]);
+    let storage = memory();
+    let Storage::Memory(m) = storage.as_ref() else {
+        unreachable!()
+    };
+    let gate = m.hold_streams();
+    let c = context(nix.clone(), storage.clone());
+    let build = job("hello", Arch::Amd64);
+    // Every layer is packed and its digest known, but none is stored yet: what
+    // the build stores meanwhile shows up before the gate opens.
+    let watch = async {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let early = loop {
+            let seen = stored_blobs(&storage);
+            // The config, both manifests, the SBOM, its empty config and its two
+            // artifact manifests: all but the three layers.
+            if seen.len() >= 7 || std::time::Instant::now() > end {
+                break seen;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        let recorded = m
+            .object_names()
+            .iter()
+            .any(|o| o.starts_with("records/images/"));
+        gate.add_permits(tokio::sync::Semaphore::MAX_PERMITS);
+        (early, recorded)
+    };
+    let (image, (early, recorded)) = futures::join!(build_image(&c, &build), watch);
+    let image = image.unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&image.oci.bytes).unwrap();
+    let layers: BTreeSet<String> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(layers.len(), 3, "{manifest}");
+    let mut expected: BTreeSet<String> = image
+        .blobs()
+        .unwrap()
+        .iter()
+        .map(|d| d.to_string())
+        .collect();
+    expected.retain(|d| !layers.contains(d));
+    assert_eq!(early, expected, "stored while the layers were held");
+    assert!(early.contains(manifest["config"]["digest"].as_str().unwrap()));
+    assert!(early.contains(&image.docker.digest.to_string()));
+    // The image is recorded only once its layers are stored.
+    assert!(!recorded, "an image recorded before its layers were stored");
+    assert!(m
+        .object_names()
+        .iter()
+        .any(|o| o.starts_with("records/images/")));
+}

@@ -8,7 +8,8 @@ use super::{blob_object, unix_now, ObjectInfo, Put, StorageError};
 use crate::reference::Digest;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::Semaphore;
 
 /// Chunks handed over by the packer; small, so tests exercise several of them.
 pub const STREAM_CHUNK: usize = 64 * 1024;
@@ -23,6 +24,9 @@ pub struct MemStorage {
     used: Mutex<HashMap<String, u64>>,
     /// Leases this process holds right now (see `Storage::acquire_lease`).
     pub(crate) held_leases: Mutex<std::collections::HashSet<String>>,
+    /// When set, a streamed blob is stored only once a permit is there: a test
+    /// sees what is stored while the layers' uploads are still under way.
+    stream_gate: Mutex<Option<Arc<Semaphore>>>,
 }
 
 impl MemStorage {
@@ -39,6 +43,14 @@ impl MemStorage {
         let mut names: Vec<String> = self.objects().keys().cloned().collect();
         names.sort();
         names
+    }
+
+    /// Holds every streamed blob, once received, until the gate returned is
+    /// given permits.
+    pub fn hold_streams(&self) -> Arc<Semaphore> {
+        let gate = Arc::new(Semaphore::new(0));
+        *self.stream_gate.lock().expect("memory storage lock") = Some(gate.clone());
+        gate
     }
 
     /// Drops an object, as if storage had lost it; true when it was there.
@@ -112,6 +124,14 @@ impl MemStorage {
                 None => return Err(StorageError::Abandoned),
             }
         };
+        let gate = self
+            .stream_gate
+            .lock()
+            .expect("memory storage lock")
+            .clone();
+        if let Some(gate) = gate {
+            drop(gate.acquire().await);
+        }
         let object = blob_object(&digest);
         let mut objects = self.objects();
         if objects.contains_key(&object) {
