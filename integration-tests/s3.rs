@@ -238,7 +238,11 @@ fn two_replicas_on_one_bucket_build_a_new_image_once() {
     assert_eq!(a.realisations + b.realisations, 1, "{a:?} {b:?}");
     let idle = if a.builds == 1 { &b } else { &a };
     assert_eq!((idle.uploads, idle.bytes_uploaded), (0, 0), "{idle:?}");
-    // The lease is released.
+    // The lease is released, just after the answer.
+    let end = Instant::now() + Duration::from_secs(10);
+    while !keys_under(&moto, "leases/").is_empty() && Instant::now() < end {
+        thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(keys_under(&moto, "leases/"), Vec::<String>::new());
 }
 

@@ -357,7 +357,10 @@ pub async fn build_image(c: &Arc<BuildContext>, job: &Job) -> Result<Arc<BuiltIm
         Ok(image)
     }
     .await;
-    records::release_lease(c, &image_key).await;
+    // In the background: a replica looks for the image record before the lease,
+    // so the answer need not wait another round trip for it.
+    let c = c.clone();
+    tokio::spawn(async move { records::release_lease(&c, &image_key).await });
     built
 }
 
