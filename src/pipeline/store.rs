@@ -59,9 +59,14 @@ pub(super) async fn store_layers<'a>(
         plans.len() + 1
     );
     let codec = c.settings.codec(job.request.compression());
-    let packed =
-        futures::future::try_join_all(plans.iter().map(|plan| layer(c, codec, plan))).await?;
-    let (entries, storing): (Vec<_>, Vec<_>) = packed.into_iter().unzip();
+    // Every layer is seen to its digest even when one fails: a packed layer's
+    // upload and record then still run to their end for the next build.
+    let packed = futures::future::join_all(plans.iter().map(|plan| layer(c, codec, plan))).await;
+    let (entries, storing): (Vec<_>, Vec<_>) = packed
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .unzip();
     let nars: Vec<u64> = plans
         .iter()
         .map(|plan| {
