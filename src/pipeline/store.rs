@@ -24,16 +24,22 @@ use std::sync::Arc;
 /// same SBOM bytes (the package set's own time is not known for a path source).
 const SBOM_CREATED: &str = "1970-01-01T00:00:00Z";
 
+/// Work on a layer (its packing, upload or record) that may outlive the build
+/// that asked for it.
+type LayerWork<T> = BoxFuture<'static, Result<T, BuildError>>;
+
+/// Ends when a build's layers are stored.
+pub(super) type Stored<'a> = BoxFuture<'a, Result<(), BuildError>>;
+
 /// A packed layer's upload and record, still under way once its digest is known.
 /// Its result: the bytes uploaded, or None when the layer was found stored.
-pub(super) type Storing = Shared<BoxFuture<'static, Result<Option<u64>, BuildError>>>;
+pub(super) type Storing = Shared<LayerWork<Option<u64>>>;
 
 /// A layer being packed for one build, awaited by every build that needs it. It
 /// resolves once the layer's digest is known, so that the config and manifests go
 /// up while the upload ends (a compose on a bucket); `Storing` says when it is
 /// stored.
-pub(super) type PendingLayer =
-    Shared<BoxFuture<'static, Result<(LayerEntry, Storing), BuildError>>>;
+pub(super) type PendingLayer = Shared<LayerWork<(LayerEntry, Storing)>>;
 
 /// Every planned layer, its digest known: reused where storage has it, packed
 /// otherwise. The future returned ends when every packed one is stored.
@@ -43,7 +49,7 @@ pub(super) async fn store_layers<'a>(
     plans: &[LayerPlan],
     closure: &[StorePathInfo],
     tally: &'a Tally,
-) -> Result<(Vec<LayerEntry>, BoxFuture<'a, Result<(), BuildError>>), BuildError> {
+) -> Result<(Vec<LayerEntry>, Stored<'a>), BuildError> {
     let nar_sizes: HashMap<&str, u64> = closure
         .iter()
         .map(|p| (p.path.as_str(), p.nar_size))
@@ -165,13 +171,7 @@ async fn build_layer(
     codec: Codec,
     key: &str,
     plan: &LayerPlan,
-) -> Result<
-    (
-        LayerEntry,
-        BoxFuture<'static, Result<Option<u64>, BuildError>>,
-    ),
-    BuildError,
-> {
+) -> Result<(LayerEntry, LayerWork<Option<u64>>), BuildError> {
     if let Some(record) = records::stored_layer(c, key).await? {
         c.layers
             .lock()
@@ -227,14 +227,7 @@ pub(super) async fn symlink_layer<'a>(
     job: &Job,
     evaluation: &Evaluation,
     tally: &'a Tally,
-) -> Result<
-    (
-        LayerEntry,
-        RuntimeConfig,
-        BoxFuture<'a, Result<(), BuildError>>,
-    ),
-    BuildError,
-> {
+) -> Result<(LayerEntry, RuntimeConfig, Stored<'a>), BuildError> {
     let codec = c.settings.codec(job.request.compression());
     let contents = LayerContents::Symlinks(top_level_packages(evaluation));
     let (packed, upload) = pack(c, codec, contents).await?;
@@ -266,7 +259,7 @@ async fn pack(
     c: &Arc<BuildContext>,
     codec: Codec,
     contents: LayerContents,
-) -> Result<(PackedLayer, BoxFuture<'static, Result<u64, BuildError>>), BuildError> {
+) -> Result<(PackedLayer, LayerWork<u64>), BuildError> {
     let (sink, pieces) = storage::stream::channel(c.storage.stream_chunk());
     let packing = c
         .nix
