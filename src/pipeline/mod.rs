@@ -3,7 +3,9 @@
 //! One platform's image goes evaluate → realise → plan layers → pack and store →
 //! assemble manifests (with the SBOM), reusing whatever a step finds already done:
 //! a pinned record skips everything, known top-level paths skip realising, a stored
-//! layer is not packed again. An index is assembled from the images of every
+//! layer is not packed again. Manifests are assembled and stored once every
+//! layer's digest is known, while the last uploads end; the image is recorded only
+//! once all of it is stored. An index is assembled from the images of every
 //! platform, which the coordinator builds (and deduplicates) one by one.
 //!
 //! Each step is a function whose inputs and outputs are in its signature; Nix and
