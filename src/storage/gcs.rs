@@ -518,11 +518,7 @@ impl GcsStorage {
             bucket: self.bucket.clone(),
             ..Default::default()
         };
-        let media = UploadType::Simple(Media {
-            name: name.clone().into(),
-            content_type: "application/octet-stream".into(),
-            content_length: None,
-        });
+        let media = UploadType::Simple(self.media(&name, "application/octet-stream", None));
         let upload = self.client.upload_streamed_object(&req, body_rx, &media);
         // The part's length and CRC-32C are counted as its pieces pass.
         let forward = async move {
@@ -884,8 +880,8 @@ impl GcsStorage {
             bucket: self.bucket.clone(),
             ..Default::default()
         };
-        let media = UploadType::Simple(self.media(object, content_type, bytes.len() as u64));
         let size = bytes.len() as u64;
+        let media = UploadType::Simple(self.media(object, content_type, Some(size)));
         retry("upload", object, upload_timeout(size), || async {
             Ok(self
                 .client
@@ -960,11 +956,12 @@ impl GcsStorage {
         }
     }
 
-    fn media(&self, object: &str, content_type: &str, size: u64) -> Media {
+    /// An object's upload; its size None for a body sent as it comes.
+    fn media(&self, object: &str, content_type: &str, size: Option<u64>) -> Media {
         Media {
             name: object.to_string().into(),
             content_type: content_type.to_string().into(),
-            content_length: Some(size),
+            content_length: size,
         }
     }
 }
