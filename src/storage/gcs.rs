@@ -1320,6 +1320,14 @@ mod tests {
     /// A request's head and body.
     type Received = (String, Vec<u8>);
 
+    /// Reads what the connection has next onto `req`, which must not end `at` that point.
+    fn read_more(s: &mut std::net::TcpStream, req: &mut Vec<u8>, at: &str) {
+        let mut buf = [0u8; 64 << 10];
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed {at}");
+        req.extend_from_slice(&buf[..n]);
+    }
+
     /// Answers each connection with the next canned response (built once the
     /// address is known) and returns what it received: request head and body.
     fn scripted_server(
@@ -1333,14 +1341,11 @@ mod tests {
             for r in responses {
                 let (mut s, _) = listener.accept().unwrap();
                 let mut req = Vec::new();
-                let mut buf = [0u8; 64 << 10];
                 let head_end = loop {
                     if let Some(i) = req.windows(4).position(|w| w == b"\r\n\r\n") {
                         break i + 4;
                     }
-                    let n = s.read(&mut buf).unwrap();
-                    assert!(n > 0, "connection closed mid-request");
-                    req.extend_from_slice(&buf[..n]);
+                    read_more(&mut s, &mut req, "mid-request");
                 };
                 let head = String::from_utf8_lossy(&req[..head_end]).to_string();
                 let len: usize = head
@@ -1362,18 +1367,14 @@ mod tests {
                     let mut at = head_end;
                     loop {
                         while !req[at..].windows(2).any(|w| w == b"\r\n") {
-                            let n = s.read(&mut buf).unwrap();
-                            assert!(n > 0, "connection closed mid-chunk");
-                            req.extend_from_slice(&buf[..n]);
+                            read_more(&mut s, &mut req, "mid-chunk");
                         }
                         let line = at + req[at..].windows(2).position(|w| w == b"\r\n").unwrap();
                         let size = std::str::from_utf8(&req[at..line]).unwrap();
                         let size = usize::from_str_radix(size.trim(), 16).unwrap();
                         let data = line + 2;
                         while req.len() < data + size + 2 {
-                            let n = s.read(&mut buf).unwrap();
-                            assert!(n > 0, "connection closed mid-chunk");
-                            req.extend_from_slice(&buf[..n]);
+                            read_more(&mut s, &mut req, "mid-chunk");
                         }
                         body.extend_from_slice(&req[data..data + size]);
                         at = data + size + 2;
@@ -1383,9 +1384,7 @@ mod tests {
                     }
                 } else {
                     while req.len() < head_end + len {
-                        let n = s.read(&mut buf).unwrap();
-                        assert!(n > 0, "connection closed mid-body");
-                        req.extend_from_slice(&buf[..n]);
+                        read_more(&mut s, &mut req, "mid-body");
                     }
                     req[head_end..].to_vec()
                 };
