@@ -200,15 +200,24 @@ async fn store_referrers(c: &BuildContext, image: &BuiltImage) -> Result<(), Bui
             .map(|r| String::from_utf8_lossy(&r.manifest.bytes).into_owned())
             .collect();
         let record = ReferrersRecord { manifests };
-        c.storage.write_record(
-            RecordKind::Referrers,
-            subject.hex(),
-            Bytes::from(serde_json::to_vec(&record).expect("records serialise")),
-        )
+        write_record(c, RecordKind::Referrers, subject.hex(), record)
     }))
-    .await
-    .map_err(storage_error)?;
+    .await?;
     Ok(())
+}
+
+/// Writes `record` as JSON under `kind` and `key`.
+pub(super) async fn write_record(
+    c: &BuildContext,
+    kind: RecordKind,
+    key: &str,
+    record: impl Serialize,
+) -> Result<(), BuildError> {
+    let json = serde_json::to_vec(&record).expect("records serialise");
+    c.storage
+        .write_record(kind, key, Bytes::from(json))
+        .await
+        .map_err(storage_error)
 }
 
 /// The artifacts naming `subject` that another process recorded; empty when none.
@@ -253,14 +262,7 @@ pub(super) async fn store_record(
             .map(|r| text(&r.manifest.bytes))
             .collect(),
     };
-    c.storage
-        .write_record(
-            kind,
-            key,
-            Bytes::from(serde_json::to_vec(&record).expect("records serialise")),
-        )
-        .await
-        .map_err(storage_error)
+    write_record(c, kind, key, record).await
 }
 
 /// Reads an image record; None unless every blob it names is stored.

@@ -192,14 +192,7 @@ async fn build_layer(
     let (c, key) = (c.clone(), key.to_string());
     let stored = async move {
         let uploaded = upload.await?;
-        c.storage
-            .write_record(
-                RecordKind::Layer,
-                &key,
-                Bytes::from(serde_json::to_vec(&record).expect("records serialise")),
-            )
-            .await
-            .map_err(storage_error)?;
+        records::write_record(&c, RecordKind::Layer, &key, &record).await?;
         c.layers
             .lock()
             .expect("layer memo lock")
