@@ -117,7 +117,12 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         home,
         cache_home: fetch_cache_dir(),
         path_labels,
+        serve: Default::default(),
     };
+    {
+        let w = worker.clone();
+        std::thread::spawn(move || w.warm_up());
+    }
     // The collector's own worker, started only where builds can be rooted.
     let gc_worker = worker.clone();
     // Evaluations, realisations and packing each get workers of their own (see

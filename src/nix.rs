@@ -10,6 +10,7 @@ use serde::Deserialize;
 pub mod errors;
 pub mod gc;
 pub mod progress;
+pub mod serve;
 
 pub use progress::RealiseProgress;
 

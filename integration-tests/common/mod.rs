@@ -1443,6 +1443,9 @@ impl NixWrappers {
     }
 
     /// `(pid, program, args)` of every Nix call so far.
+    ///
+    /// Without the registry's `nix-store --serve` sessions: one starts with the
+    /// server and then answers every closure query, so it is no call per image.
     pub fn calls(&self) -> Vec<(u32, String, String)> {
         self.log_text()
             .lines()
@@ -1453,6 +1456,7 @@ impl NixWrappers {
                 let args = it.next().unwrap_or("").to_string();
                 Some((pid, program, args))
             })
+            .filter(|(_, p, a)| !(p == "nix-store" && a.starts_with("--serve")))
             .collect()
     }
 

@@ -3,6 +3,7 @@
 //! HTTP handlers talk to these; the actors never call back into HTTP.
 
 pub mod coordinator;
+pub mod nix_serve;
 pub mod nix_worker;
 pub mod signer;
 pub mod store_gc;

@@ -3,6 +3,7 @@
 //! the chunks), so each worker does one job at a time and the pool size bounds how
 //! many run at once.
 
+use super::nix_serve::{self, ServePool};
 use crate::archive::{self, LayerSummary, SymlinkLayerInfo};
 use crate::compression::Codec;
 use crate::error::BuildError;
@@ -213,6 +214,8 @@ pub struct NixWorker {
     pub cache_home: Option<PathBuf>,
     /// Server paths and the names clients see instead.
     pub path_labels: Vec<(String, String)>,
+    /// `nix-store --serve` sessions for closures, shared by the clones.
+    pub serve: ServePool,
 }
 
 impl Actor for NixWorker {
@@ -491,12 +494,46 @@ impl NixWorker {
         }
     }
 
-    /// The runtime closure of built `outputs`, with each path's size and references.
+    /// The runtime closure of built `outputs`, with each path's size and references,
+    /// in path order.
     fn closure(&self, outputs: Vec<String>, label: &str) -> Result<Vec<StorePathInfo>, BuildError> {
         // Without paths, --dump-db would dump the whole store.
         if outputs.is_empty() {
             return Ok(Vec::new());
         }
+        let started = Instant::now();
+        let served = self.serve.closure(&outputs, || self.serve_command());
+        let (mut closure, how) = match served {
+            Some(closure) => (closure, "nix-store --serve"),
+            None => (
+                self.read_closure(outputs, label)?,
+                "nix-store --query and --dump-db",
+            ),
+        };
+        closure.sort_by(|a, b| a.path.cmp(&b.path));
+        log::debug!(
+            "build {label}: read the closure ({} paths) from {how} in {} ms",
+            closure.len(),
+            started.elapsed().as_millis()
+        );
+        Ok(closure)
+    }
+
+    fn serve_command(&self) -> std::process::Command {
+        self.command("nix-store", &["--serve".to_string()])
+    }
+
+    /// Starts a `nix-store --serve` for the first closure to come.
+    pub fn warm_up(&self) {
+        self.serve.warm(self.serve_command());
+    }
+
+    /// [`NixWorker::closure`] with two Nix processes.
+    fn read_closure(
+        &self,
+        outputs: Vec<String>,
+        label: &str,
+    ) -> Result<Vec<StorePathInfo>, BuildError> {
         let mut query = vec!["--query".to_string(), "--requisites".to_string()];
         query.extend(outputs);
         let closure = String::from_utf8(self.nix_store(&query, label)?)
@@ -513,7 +550,9 @@ impl Handler<Collect> for NixWorker {
     type Result = Result<u64, BuildError>;
 
     fn handle(&mut self, msg: Collect, _: &mut Self::Context) -> Self::Result {
-        let out = self.nix_store(&nix::gc::gc_args(msg.max_freed), "garbage collection")?;
+        let out = self.nix_store(&nix::gc::gc_args(msg.max_freed), "garbage collection");
+        nix_serve::collected();
+        let out = out?;
         let text = String::from_utf8_lossy(&out);
         Ok(nix::gc::parse_freed(&text).unwrap_or(0))
     }

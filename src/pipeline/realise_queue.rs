@@ -319,6 +319,7 @@ esac
             home: dir.to_path_buf(),
             cache_home: None,
             path_labels: Vec::new(),
+            serve: Default::default(),
         }
     }
 

@@ -1,0 +1,215 @@
+//! The workers' long-lived `nix-store --serve` sessions, which read runtime closures without
+//! starting Nix processes (see `nix::serve` for the protocol and why).
+//!
+//! It is only ever a faster way to an answer: whenever it cannot give one (it did
+//! not start, it died, it took too long, a path was not valid) it is stopped and
+//! the caller asks Nix the slow way, which also explains a failure to the client.
+
+use crate::layers::StorePathInfo;
+use crate::nix::serve;
+use std::io::{self, BufReader};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A local store answers a closure query in milliseconds; one that takes this long
+/// waits for a lock, and the slow way has the build's own limit and messages.
+const QUERY_LIMIT: Duration = Duration::from_secs(30);
+/// A session older than this is stopped before its next query. Nix caches what
+/// it has read of each path; should a path be collected and built again with other
+/// bytes meanwhile, a new session reads its new NAR hash.
+const MAX_AGE: Duration = Duration::from_secs(300);
+/// After a session fails, closures are read the slow way this long.
+const BACKOFF: Duration = Duration::from_secs(60);
+
+/// Bumped by every garbage collection the registry runs: sessions started before
+/// one are not used again.
+static COLLECTIONS: AtomicU64 = AtomicU64::new(0);
+
+pub fn collected() {
+    COLLECTIONS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The idle sessions, shared by every worker: there are only as many as closures
+/// were read at once, and a worker takes one for a query and puts it back.
+#[derive(Clone, Default)]
+pub struct ServePool(Arc<Mutex<Pool>>);
+
+#[derive(Default)]
+struct Pool {
+    idle: Vec<Session>,
+    failed_at: Option<Instant>,
+}
+
+impl ServePool {
+    /// The runtime closure of `outputs`, from an idle session or one started by
+    /// `start`; None when it cannot answer.
+    pub fn closure(
+        &self,
+        outputs: &[String],
+        start: impl FnOnce() -> Command,
+    ) -> Option<Vec<StorePathInfo>> {
+        let (idle, stale) = {
+            let mut pool = self.lock();
+            if pool.failed_at.is_some_and(|t| t.elapsed() < BACKOFF) {
+                return None;
+            }
+            let (fresh, stale): (Vec<_>, Vec<_>) = std::mem::take(&mut pool.idle)
+                .into_iter()
+                .partition(Session::fresh);
+            pool.idle = fresh;
+            (pool.idle.pop(), stale)
+        };
+        drop(stale);
+        let mut session = match idle {
+            Some(s) => s,
+            None => match Session::start(start()) {
+                Ok(s) => s,
+                Err(e) => return self.failed(format!("nix-store --serve did not start: {e}")),
+            },
+        };
+        match session.closure(outputs) {
+            Ok(infos) => {
+                self.lock().idle.push(session);
+                Some(infos)
+            }
+            Err(e) => self.failed(format!("nix-store --serve: {e}")),
+        }
+    }
+
+    /// Starts a session before the first closure is asked for, so that one does
+    /// not wait for a Nix process to start.
+    pub fn warm(&self, start: Command) {
+        match Session::start(start) {
+            Ok(s) => self.lock().idle.push(s),
+            Err(e) => {
+                let _ = self.failed::<()>(format!("nix-store --serve did not start: {e}"));
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pool> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn failed<T>(&self, why: String) -> Option<T> {
+        log::warn!(
+            "{why}; closures are read with nix-store --query and --dump-db for the next {} s",
+            BACKOFF.as_secs()
+        );
+        self.lock().failed_at = Some(Instant::now());
+        None
+    }
+}
+
+struct Session {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    started: Instant,
+    collections: u64,
+}
+
+impl Session {
+    fn start(mut cmd: Command) -> io::Result<Session> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            // What it would say there is said again by the slow way, to the log.
+            .stderr(Stdio::null())
+            .spawn()?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            unreachable!("piped above");
+        };
+        let mut session = Session {
+            child,
+            stdin,
+            stdout: BufReader::new(stdout),
+            started: Instant::now(),
+            collections: COLLECTIONS.load(Ordering::Relaxed),
+        };
+        session.within(|s| {
+            serve::write_greeting(&mut s.stdin)?;
+            serve::read_greeting(&mut s.stdout, &mut s.stdin)
+        })?;
+        Ok(session)
+    }
+
+    fn fresh(&self) -> bool {
+        self.started.elapsed() < MAX_AGE && self.collections == COLLECTIONS.load(Ordering::Relaxed)
+    }
+
+    fn closure(&mut self, outputs: &[String]) -> io::Result<Vec<StorePathInfo>> {
+        self.within(|s| {
+            serve::write_closure_query(&mut s.stdin, outputs)?;
+            let paths = serve::read_closure(&mut s.stdout)?;
+            serve::write_path_info_query(&mut s.stdin, &paths)?;
+            let infos = serve::read_path_infos(&mut s.stdout)?;
+            // An invalid path is left out of the answer, and Nix remembers it as
+            // invalid: this session is done.
+            if infos.len() != paths.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} of {} paths are not valid",
+                        paths.len() - infos.len(),
+                        paths.len()
+                    ),
+                ));
+            }
+            Ok(infos)
+        })
+    }
+
+    /// Runs `talk`, killing the process should it take longer than [`QUERY_LIMIT`]:
+    /// the blocked read then ends with an error.
+    fn within<T>(&mut self, talk: impl FnOnce(&mut Self) -> io::Result<T>) -> io::Result<T> {
+        let pid = self.child.id() as i32;
+        let (done, wait) = mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            if let Err(RecvTimeoutError::Timeout) = wait.recv_timeout(QUERY_LIMIT) {
+                // SAFETY: kill(2) on our own child, not reaped before the session
+                // is dropped, so the pid is still its own.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        });
+        let result = talk(self);
+        drop(done);
+        let _ = watchdog.join();
+        result
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_that_cannot_start_is_not_started_again_for_a_while() {
+        let pool = ServePool::default();
+        let outputs = ["/nix/store/00000000000000000000000000000000-x".to_string()];
+        let mut starts = 0;
+        // `true` exits without a greeting, as a Nix without --serve would.
+        for _ in 0..3 {
+            let served = pool.closure(&outputs, || {
+                starts += 1;
+                Command::new("true")
+            });
+            assert!(served.is_none());
+        }
+        assert_eq!(starts, 1);
+        pool.warm(Command::new("true"));
+        assert!(pool.lock().idle.is_empty());
+    }
+}
