@@ -903,6 +903,47 @@ fn nix_killed_mid_build_gives_a_clear_error() {
 }
 
 // ---------------------------------------------------------------------------
+// 6b. The closure reader, nix-store --serve, killed between builds.
+
+#[test]
+fn a_killed_closure_reader_costs_no_image() {
+    let server = Server::start(&[("RUST_LOG", "info,nixery::actors::nix_worker=debug")]);
+    pull(&server, "hello");
+    let pid = server.pid().expect("server pid");
+    let sessions: Vec<u32> = fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| parent_pid(p) == Some(pid) && cmdline(p).contains("nix-store --serve"))
+        .collect();
+    assert!(
+        !sessions.is_empty(),
+        "no nix-store --serve under the server:\n{}",
+        server.log()
+    );
+    for &p in &sessions {
+        kill(p, libc::SIGKILL);
+    }
+    pull(&server, "alpha");
+    let log = server.log();
+    assert!(
+        log.contains("WARN") && log.contains("nix-store --serve: "),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("build alpha [")
+            && l.contains("read the closure (")
+            && l.contains("from nix-store --query and --dump-db in")),
+        "{log}"
+    );
+    // The dead sessions were reaped, not left as zombies.
+    for p in sessions {
+        assert_ne!(parent_pid(p), Some(pid), "session {p} was not reaped");
+    }
+    assert_healthy(&server);
+}
+
+// ---------------------------------------------------------------------------
 // 7. kill -9 of the server mid-build, restart on the same storage.
 
 #[test]

@@ -94,12 +94,18 @@ impl ServePool {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Stops the idle sessions too: none is asked anything until the backoff ends.
     fn failed<T>(&self, why: String) -> Option<T> {
         log::warn!(
             "{why}; closures are read with nix-store --query and --dump-db for the next {} s",
             BACKOFF.as_secs()
         );
-        self.lock().failed_at = Some(Instant::now());
+        let idle = {
+            let mut pool = self.lock();
+            pool.failed_at = Some(Instant::now());
+            std::mem::take(&mut pool.idle)
+        };
+        drop(idle);
         None
     }
 }
