@@ -1,5 +1,6 @@
-//! The workers' long-lived `nix-store --serve` sessions, which read runtime closures without
-//! starting Nix processes (see `nix::serve` for the protocol and why).
+//! The workers' long-lived `nix-store --serve` sessions, which read runtime
+//! closures without starting Nix processes (see `nix::serve` for the protocol and
+//! why).
 //!
 //! It is only ever a faster way to an answer: whenever it cannot give one (it did
 //! not start, it died, it took too long, a path was not valid) it is stopped and

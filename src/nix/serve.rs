@@ -1,14 +1,16 @@
 //! The `nix-store --serve` protocol, as far as the registry speaks it: the greeting,
 //! a closure query and a path-info query, over any reader and writer.
 //!
-//! One such process answers every closure query of a worker, where each query used
-//! to start two Nix processes (`--query --requisites`, then `--dump-db`): a Nix
-//! process spends about 30 ms linking its libraries before it does anything, which
-//! is most of a query's time and, on a busy registry, of its CPU.
+//! A long-lived such process answers closure queries one after another, where each
+//! query used to start two Nix processes (`--query --requisites`, then
+//! `--dump-db`): a Nix process spends about 30 ms linking its libraries before it
+//! does anything, which was most of a query's time and, on a busy registry, of its
+//! CPU.
 //!
 //! The wire format is Nix's: little-endian 64-bit integers, strings as a length and
-//! the bytes padded with zeros to 8, sets as a count and their strings. It has
-//! been the same since Nix 2.0 (protocol 2.4 and later send a path's NAR hash).
+//! the bytes padded with zeros to 8, sets as a count and their strings. The
+//! registry announces protocol 2.5, so the answers have the fields that version
+//! defines (2.4 added a path's NAR hash); Nix 2.8 itself speaks 2.7.
 
 use crate::layers::StorePathInfo;
 use std::io::{self, Read, Write};
@@ -143,7 +145,7 @@ mod tests {
     use super::*;
     use std::io::Cursor;
 
-    /// Bytes as a `nix-store --serve` of Nix 2.8 sent them (captured).
+    /// The greeting of Nix 2.8's `nix-store --serve` (protocol 0x207).
     fn server_greeting() -> Vec<u8> {
         let mut b = Vec::new();
         b.extend(0x5452_eecbu64.to_le_bytes());
