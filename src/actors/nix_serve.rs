@@ -38,10 +38,21 @@ pub fn collected() {
 #[derive(Clone, Default)]
 pub struct ServePool(Arc<Mutex<Pool>>);
 
-#[derive(Default)]
 struct Pool {
     idle: Vec<Session>,
     failed_at: Option<Instant>,
+    /// [`QUERY_LIMIT`], but for tests.
+    limit: Duration,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            idle: Vec::new(),
+            failed_at: None,
+            limit: QUERY_LIMIT,
+        }
+    }
 }
 
 impl ServePool {
@@ -52,7 +63,7 @@ impl ServePool {
         outputs: &[String],
         start: impl FnOnce() -> Command,
     ) -> Option<Vec<StorePathInfo>> {
-        let (idle, stale) = {
+        let (idle, stale, limit) = {
             let mut pool = self.lock();
             if pool.failed_at.is_some_and(|t| t.elapsed() < BACKOFF) {
                 return None;
@@ -61,12 +72,12 @@ impl ServePool {
                 .into_iter()
                 .partition(Session::fresh);
             pool.idle = fresh;
-            (pool.idle.pop(), stale)
+            (pool.idle.pop(), stale, pool.limit)
         };
         drop(stale);
         let mut session = match idle {
             Some(s) => s,
-            None => match Session::start(start()) {
+            None => match Session::start(start(), limit) {
                 Ok(s) => s,
                 Err(e) => return self.failed(format!("nix-store --serve did not start: {e}")),
             },
@@ -83,7 +94,8 @@ impl ServePool {
     /// Starts a session before the first closure is asked for, so that one does
     /// not wait for a Nix process to start.
     pub fn warm(&self, start: Command) {
-        match Session::start(start) {
+        let limit = self.lock().limit;
+        match Session::start(start, limit) {
             Ok(s) => self.lock().idle.push(s),
             Err(e) => {
                 let _ = self.failed::<()>(format!("nix-store --serve did not start: {e}"));
@@ -112,6 +124,7 @@ impl ServePool {
 }
 
 struct Session {
+    limit: Duration,
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
@@ -120,7 +133,7 @@ struct Session {
 }
 
 impl Session {
-    fn start(mut cmd: Command) -> io::Result<Session> {
+    fn start(mut cmd: Command, limit: Duration) -> io::Result<Session> {
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -131,6 +144,7 @@ impl Session {
             unreachable!("piped above");
         };
         let mut session = Session {
+            limit,
             child,
             stdin,
             stdout: BufReader::new(stdout),
@@ -170,13 +184,14 @@ impl Session {
         })
     }
 
-    /// Runs `talk`, killing the process should it take longer than [`QUERY_LIMIT`]:
-    /// the blocked read then ends with an error.
+    /// Runs `talk`, killing the process should it take longer than its limit: the
+    /// blocked read then ends with an error.
     fn within<T>(&mut self, talk: impl FnOnce(&mut Self) -> io::Result<T>) -> io::Result<T> {
         let pid = self.child.id() as i32;
+        let limit = self.limit;
         let (done, wait) = mpsc::channel::<()>();
         let watchdog = std::thread::spawn(move || {
-            if let Err(RecvTimeoutError::Timeout) = wait.recv_timeout(QUERY_LIMIT) {
+            if let Err(RecvTimeoutError::Timeout) = wait.recv_timeout(limit) {
                 // SAFETY: kill(2) on our own child, not reaped before the session
                 // is dropped, so the pid is still its own.
                 unsafe {
@@ -218,5 +233,24 @@ mod tests {
         assert_eq!(starts, 1);
         pool.warm(Command::new("true"));
         assert!(pool.lock().idle.is_empty());
+    }
+
+    #[test]
+    fn a_session_that_does_not_answer_is_stopped_at_its_limit() {
+        let pool = ServePool::default();
+        pool.lock().limit = Duration::from_millis(300);
+        let started = Instant::now();
+        // Reads nothing and says nothing: the greeting waits for an answer.
+        let mut silent = Command::new("sleep");
+        silent.arg("30");
+        pool.warm(silent);
+        let waited = started.elapsed();
+        assert!(pool.lock().idle.is_empty());
+        assert!(pool.lock().failed_at.is_some());
+        // Killed at the limit, not waited for until `sleep` ends by itself.
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(20),
+            "stopped after {waited:?}"
+        );
     }
 }
