@@ -114,7 +114,7 @@ async fn layer(
         if stored {
             c.shared.stats.layers_reused.inc();
             c.shared.stats.cache_hit("layer");
-            return Ok((entry_of(&record), found()));
+            return Ok((entry_of(&record), found().shared()));
         }
         c.layers.lock().expect("layer memo lock").remove(&key);
     }
@@ -159,9 +159,9 @@ async fn layer(
     pending.await
 }
 
-/// The `Storing` of a layer found stored.
-fn found() -> Storing {
-    futures::future::ready(Ok(None)).boxed().shared()
+/// The upload of a layer found stored: nothing uploaded.
+fn found() -> LayerWork<Option<u64>> {
+    futures::future::ready(Ok(None)).boxed()
 }
 
 /// Packs a layer that storage has no record of; the future returned ends once it
@@ -178,7 +178,7 @@ async fn build_layer(
             .expect("layer memo lock")
             .insert(key.to_string(), record.clone());
         c.shared.stats.layers_reused.inc();
-        return Ok((entry_of(&record), futures::future::ready(Ok(None)).boxed()));
+        return Ok((entry_of(&record), found()));
     }
     let (packed, upload) = pack(c, codec, store_contents(plan)).await?;
     let record = LayerRecord {
