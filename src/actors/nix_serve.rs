@@ -63,7 +63,7 @@ impl ServePool {
         outputs: &[String],
         start: impl FnOnce() -> Command,
     ) -> Option<Vec<StorePathInfo>> {
-        let (idle, stale, limit) = {
+        let (idle, stale) = {
             let mut pool = self.lock();
             if pool.failed_at.is_some_and(|t| t.elapsed() < BACKOFF) {
                 return None;
@@ -72,15 +72,12 @@ impl ServePool {
                 .into_iter()
                 .partition(Session::fresh);
             pool.idle = fresh;
-            (pool.idle.pop(), stale, pool.limit)
+            (pool.idle.pop(), stale)
         };
         drop(stale);
         let mut session = match idle {
             Some(s) => s,
-            None => match Session::start(start(), limit) {
-                Ok(s) => s,
-                Err(e) => return self.failed(format!("nix-store --serve did not start: {e}")),
-            },
+            None => self.start(start())?,
         };
         match session.closure(outputs) {
             Ok(infos) => {
@@ -94,12 +91,17 @@ impl ServePool {
     /// Starts a session before the first closure is asked for, so that one does
     /// not wait for a Nix process to start.
     pub fn warm(&self, start: Command) {
+        if let Some(s) = self.start(start) {
+            self.lock().idle.push(s);
+        }
+    }
+
+    /// A new session; None when it did not start (then the pool backs off).
+    fn start(&self, cmd: Command) -> Option<Session> {
         let limit = self.lock().limit;
-        match Session::start(start, limit) {
-            Ok(s) => self.lock().idle.push(s),
-            Err(e) => {
-                let _ = self.failed::<()>(format!("nix-store --serve did not start: {e}"));
-            }
+        match Session::start(cmd, limit) {
+            Ok(s) => Some(s),
+            Err(e) => self.failed(format!("nix-store --serve did not start: {e}")),
         }
     }
 
