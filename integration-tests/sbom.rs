@@ -182,35 +182,17 @@ fn the_sbom_is_the_same_after_a_restart_and_on_another_replica_before_any_pull()
     assert_eq!(sbom_of(&fresh, "hello", &oci), (artifact, document));
 }
 
-/// A directory with Nix's commands, where `nix-store --serve` fails as it would on
-/// a Nix that had none: the registry then reads closures with two processes.
-fn nix_without_serve() -> tempfile::TempDir {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    for program in ["nix-instantiate", "nix-store"] {
-        let real = common::which(program).expect("Nix is installed");
-        let script = format!(
-            "#!/bin/sh\n[ \"$1\" = --serve ] && exit 1\nexec '{}' \"$@\"\n",
-            real.display()
-        );
-        let path = dir.path().join(program);
-        std::fs::write(&path, script).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    dir
-}
-
 #[test]
 fn closures_read_through_nix_store_serve_give_the_same_image_and_sbom_as_nix_store_queries() {
     const DEBUG: &str = "info,nixery::actors::nix_worker=debug";
     let served = Server::start(&[("RUST_LOG", DEBUG)]);
     let pkgs = served.pkgs_path().display().to_string();
-    let bin = nix_without_serve();
-    let bin_dir = bin.path().display().to_string();
+    let nix = common::NixWrappers::new();
+    nix.refuse_serve();
     let queried = Server::start(&[
         ("RUST_LOG", DEBUG),
         ("NIXERY_PKGS_PATH", pkgs.as_str()),
-        ("NIXERY_NIX__BIN_DIR", bin_dir.as_str()),
+        ("NIXERY_NIX__BIN_DIR", &nix.bin_dir()),
     ]);
     for name in ["hello", "alpha/beta"] {
         let digest = manifest_digest(&served, name, OCI);

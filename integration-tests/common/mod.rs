@@ -1401,6 +1401,7 @@ impl NixWrappers {
             .expect("create wrapper dir");
         let log = dir.path().join("nix.log");
         let delay = dir.path().join("realise-delay");
+        let no_serve = dir.path().join("refuse-serve");
         fs::write(&log, "").expect("create wrapper log");
         for program in ["nix-instantiate", "nix-store"] {
             let real = which(program)
@@ -1411,10 +1412,12 @@ impl NixWrappers {
                  printf '%s %s %s\\n' \"$$\" {program} \"$*\" >> '{log}'\n\
                  case \" $* \" in\n\
                  *' --realise '*) if [ -f '{delay}' ]; then sleep \"$(cat '{delay}')\"; fi ;;\n\
+                 *' --serve '*) if [ -f '{no_serve}' ]; then exit 1; fi ;;\n\
                  esac\n\
                  exec '{real}' \"$@\"\n",
                 log = log.display(),
                 delay = delay.display(),
+                no_serve = no_serve.display(),
                 real = real.display(),
             );
             let path = dir.path().join(program);
@@ -1431,6 +1434,12 @@ impl NixWrappers {
 
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("nix.log")
+    }
+
+    /// Makes every later `nix-store --serve` fail at once, as on a Nix that had
+    /// none: the registry then reads closures with two processes.
+    pub fn refuse_serve(&self) {
+        fs::write(self.dir.path().join("refuse-serve"), "").expect("write flag");
     }
 
     /// Makes every later `nix-store --realise` sleep `secs` seconds first.
