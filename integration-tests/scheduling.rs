@@ -197,6 +197,42 @@ fn evaluations_that_queue_are_batched_and_a_refusal_is_still_its_own() {
 }
 
 #[test]
+fn a_burst_of_new_images_is_evaluated_in_one_batch_behind_the_first() {
+    let names = ["hello", "cowsay", "nano", "hello/nano"];
+    // Two evaluation workers, each evaluation slowed by 2 s, so the whole burst
+    // arrives while the first evaluation runs, however loaded the machine is.
+    let burst = |gather_ms: &str| {
+        let nix = NixWrappers::new();
+        nix.set_eval_delay("2");
+        let server = Server::start(&[
+            ("NIXERY_NIX__BIN_DIR", &nix.bin_dir()),
+            ("NIXERY_NIX__EVAL_WORKERS", "2"),
+            ("NIXERY_NIX__EVAL_GATHER_MS", gather_ms),
+        ]);
+        for (name, (status, body)) in names.iter().zip(get_all(&server, &names)) {
+            assert_eq!(status, 200, "{name}: {body}");
+        }
+        (nix.count("nix-instantiate"), server.log())
+    };
+    // The last free worker waits for the burst: the first image is evaluated
+    // alone, the three others together.
+    let (evaluations, log) = burst("1000");
+    assert!(
+        log.contains("evaluated 3 images in one nix-instantiate"),
+        "the burst was not one batch:\n{log}"
+    );
+    assert_eq!(evaluations, 2, "{log}");
+    // Without waiting, the second worker takes the second image alone, and the
+    // two others wait for a worker.
+    let (evaluations, log) = burst("0");
+    assert!(
+        log.contains("evaluated 2 images in one nix-instantiate"),
+        "{log}"
+    );
+    assert_eq!(evaluations, 3, "{log}");
+}
+
+#[test]
 fn realisations_that_queue_are_batched_and_a_failed_build_is_still_its_own() {
     // One build worker: images queued behind graph.g9's chain of ten builds are
     // realised together when it is free.

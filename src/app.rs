@@ -136,6 +136,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             (
                 SyncArbiter::start(evaluators, move || e.clone()),
                 evaluators,
+                Duration::from_millis(settings.nix.eval_gather_ms),
             ),
             (SyncArbiter::start(workers, move || r.clone()), workers),
             SyncArbiter::start(cpus, move || p.clone()),

@@ -116,6 +116,7 @@ pub struct NixSettings {
     pub eval_timeout_secs: u64,
     pub workers: usize,
     pub eval_workers: usize,
+    pub eval_gather_ms: u64,
     pub max_jobs: usize,
     pub queue_limit: usize,
     pub failure_cache_secs: u64,

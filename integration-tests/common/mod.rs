@@ -1388,7 +1388,8 @@ impl Drop for FakeGcs {
 /// Wrappers for `nix-instantiate` and `nix-store`, for the server's `nix.bin_dir`:
 /// every call appends `PID PROGRAM ARGS` to a log, then runs the real program.
 /// A file `realise-delay` holding seconds makes each `nix-store --realise` sleep
-/// that long first, so concurrent requests surely overlap one build.
+/// that long first, so concurrent requests surely overlap one build;
+/// `eval-delay` does the same for each evaluation.
 pub struct NixWrappers {
     dir: TempDir,
 }
@@ -1401,6 +1402,7 @@ impl NixWrappers {
             .expect("create wrapper dir");
         let log = dir.path().join("nix.log");
         let delay = dir.path().join("realise-delay");
+        let eval_delay = dir.path().join("eval-delay");
         let no_serve = dir.path().join("refuse-serve");
         fs::write(&log, "").expect("create wrapper log");
         for program in ["nix-instantiate", "nix-store"] {
@@ -1412,11 +1414,13 @@ impl NixWrappers {
                  printf '%s %s %s\\n' \"$$\" {program} \"$*\" >> '{log}'\n\
                  case \" $* \" in\n\
                  *' --realise '*) if [ -f '{delay}' ]; then sleep \"$(cat '{delay}')\"; fi ;;\n\
+                 *' --eval '*) if [ -f '{eval_delay}' ]; then sleep \"$(cat '{eval_delay}')\"; fi ;;\n\
                  *' --serve '*) if [ -f '{no_serve}' ]; then exit 1; fi ;;\n\
                  esac\n\
                  exec '{real}' \"$@\"\n",
                 log = log.display(),
                 delay = delay.display(),
+                eval_delay = eval_delay.display(),
                 no_serve = no_serve.display(),
                 real = real.display(),
             );
@@ -1445,6 +1449,12 @@ impl NixWrappers {
     /// Makes every later `nix-store --realise` sleep `secs` seconds first.
     pub fn set_realise_delay(&self, secs: &str) {
         fs::write(self.dir.path().join("realise-delay"), secs).expect("write delay");
+    }
+
+    /// Makes every later evaluation (`nix-instantiate --eval`) sleep `secs` seconds
+    /// first.
+    pub fn set_eval_delay(&self, secs: &str) {
+        fs::write(self.dir.path().join("eval-delay"), secs).expect("write delay");
     }
 
     pub fn log_text(&self) -> String {

@@ -85,14 +85,15 @@ pub struct NixPools {
 
 impl NixPools {
     /// `evaluators` and `builders` are the numbers of workers in the `evaluate` and
-    /// `realise` pools.
+    /// `realise` pools; `gather`, how long the last free evaluation worker waits for
+    /// a burst (`nix.eval_gather_ms`).
     pub fn new(
-        (evaluate, evaluators): (Addr<NixWorker>, usize),
+        (evaluate, evaluators, gather): (Addr<NixWorker>, usize, Duration),
         (realise, builders): (Addr<NixWorker>, usize),
         pack: Addr<NixWorker>,
     ) -> Self {
         NixPools {
-            eval_queue: EvalQueue::new(evaluate.clone(), evaluators),
+            eval_queue: EvalQueue::new(evaluate.clone(), evaluators, gather),
             realise_queue: RealiseQueue::new(realise, evaluate, builders),
             pack,
         }
