@@ -1054,6 +1054,78 @@ fn server_killed_mid_build_restarts_on_consistent_storage() {
 // ---------------------------------------------------------------------------
 // 8. SIGTERM: in-flight requests finish, new connections are refused, exit.
 
+/// Processes whose process group is `group`, zombies left out.
+fn group_members(group: u32) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let rest = stat.rsplit_once(')')?.1.to_string();
+                    let f: Vec<&str> = rest.split_whitespace().collect();
+                    // state, ppid, pgrp
+                    Some(f.first()? != &"Z" && f.get(2)?.parse::<u32>().ok()? == group)
+                })
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[test]
+fn a_nix_build_still_running_when_the_server_exits_is_stopped() {
+    let nix = NixWrappers::new();
+    // The build outlasts the shutdown grace by far.
+    nix.set_realise_delay("120");
+    let mut server = Server::start(&[
+        ("NIXERY_NIX__BIN_DIR", &nix.bin_dir()),
+        ("NIXERY_SERVER__SHUTDOWN_GRACE_SECS", "1"),
+    ]);
+    let pid = server.pid().expect("pid");
+    let _in_flight = spawn_request("GET", manifest_url(&server, "hello"));
+    let is_realise =
+        |(_, p, a): &(u32, String, String)| p == "nix-store" && a.starts_with("--realise");
+    nix.wait_for(
+        "the build to reach nix-store --realise",
+        Duration::from_secs(30),
+        |c| c.iter().any(is_realise),
+    );
+    let realise: Vec<u32> = nix
+        .calls()
+        .iter()
+        .filter(|c| is_realise(c))
+        .map(|c| c.0)
+        .collect();
+    assert!(
+        realise.iter().all(|&p| !group_members(p).is_empty()),
+        "the realisation's process group is not running: {realise:?}"
+    );
+    kill(pid, libc::SIGTERM);
+    let end = Instant::now() + Duration::from_secs(30);
+    while is_alive(pid) && Instant::now() < end {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let exited = !is_alive(pid);
+    let left: Vec<(u32, Vec<u32>)> = realise
+        .iter()
+        .map(|&p| (p, group_members(p)))
+        .filter(|(_, members)| !members.is_empty())
+        .collect();
+    server.stop();
+    let log = server.log();
+    assert!(exited, "the server still runs 30 s after SIGTERM:\n{log}");
+    assert!(
+        left.is_empty(),
+        "Nix process groups (leader, members) outlived the server: {left:?}\n{log}"
+    );
+    assert!(
+        log.contains("stopped 1 Nix processes that were still running"),
+        "{log}"
+    );
+}
+
 #[test]
 fn sigterm_lets_in_flight_request_finish_then_exits() {
     let nix = NixWrappers::new();

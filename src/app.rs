@@ -15,6 +15,7 @@ use crate::layers::{LayerParams, Popularity};
 use crate::limits::Limits;
 use crate::nix::{self, NixOptions};
 use crate::pipeline::{BuildContext, ImageSettings, NixPools};
+use crate::process;
 use crate::signing::ServiceAccountKey;
 use crate::source::Sources;
 use crate::state::SharedState;
@@ -305,6 +306,14 @@ pub async fn run(settings: Settings) -> Result<(), String> {
     }
     let result = server.run().await.map_err(|e| e.to_string());
     coordinator_arbiter.stop();
+    // Builds still running have nobody left to answer, and would hold their
+    // locks against the next server's builds.
+    let stopped = tokio::task::spawn_blocking(|| process::stop_all(Duration::from_secs(5)))
+        .await
+        .unwrap_or(0);
+    if stopped > 0 {
+        log::info!("stopped {stopped} Nix processes that were still running");
+    }
     result
 }
 

@@ -2,12 +2,53 @@
 //! same time (so a chatty child can never block on a full pipe), and kills its whole
 //! process group when the limit passes, so builders started by Nix die with it.
 
+use std::collections::BTreeSet;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
+
+/// The process groups of the children running now. Each child leads a group of its
+/// own, so that a timeout stops its builders with it, and that also keeps it out of
+/// reach of a signal to the server's group: without [`stop_all`] a Nix build would
+/// outlive the server and hold its output locks against the next one's builds.
+static RUNNING: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+fn running() -> std::sync::MutexGuard<'static, BTreeSet<u32>> {
+    RUNNING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A child's group in [`RUNNING`] until the child has been reaped (a group id is
+/// not signalled after it may have been reused).
+struct Registered(u32);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        running().remove(&self.0);
+    }
+}
+
+/// Stops every child still running, as a timeout does (SIGTERM to its group, then
+/// SIGKILL after `grace`), for a server on its way out; how many there were.
+pub fn stop_all(grace: Duration) -> usize {
+    let groups: Vec<u32> = running().iter().copied().collect();
+    for &pid in &groups {
+        signal_group(pid, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while !running().is_empty() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    for &pid in running().iter() {
+        signal_group(pid, libc::SIGKILL);
+    }
+    groups.len()
+}
 
 #[derive(Debug)]
 pub struct Output {
@@ -111,6 +152,8 @@ pub fn run_command_unless(
     // would add up to its interval to every run, and Nix's short queries last only
     // a few of them.
     let pid = child.id();
+    running().insert(pid);
+    let _registered = Registered(pid);
     let (exited, status_of) = mpsc::channel();
     thread::spawn(move || {
         let _ = exited.send(child.wait());
