@@ -3,8 +3,10 @@
 //! why).
 //!
 //! It is only ever a faster way to an answer: whenever it cannot give one (it did
-//! not start, it died, it took too long, a path was not valid) it is stopped and
-//! the caller asks Nix the slow way, which also explains a failure to the client.
+//! not start, it died, it took too long, a path of the closure was not valid) it
+//! is stopped and the caller asks Nix the slow way, which also explains a failure
+//! to the client. An output that is not registered yet is the exception: it is
+//! asked about first, and the session stays (see [`Served::NotValid`]).
 
 use crate::layers::StorePathInfo;
 use crate::nix::serve;
@@ -55,18 +57,30 @@ impl Default for Pool {
     }
 }
 
+/// What a session says of a closure.
+#[derive(Debug, PartialEq)]
+pub enum Served {
+    /// The closure, with each path's registration.
+    Closure(Vec<StorePathInfo>),
+    /// These outputs are not registered (yet): an image that found its outputs
+    /// built (`nix::path_built`, which sees them a moment before Nix registers
+    /// them) realises them instead. Asked about before the closure, so that the
+    /// session stays, where a closure query would have ended it and had every
+    /// closure read the slow way for a while (300 new images from 32 clients then
+    /// took 12.8 s instead of 7.6 s).
+    NotValid(Vec<String>),
+    /// No session could answer (the log says why): ask Nix the slow way.
+    Unavailable,
+}
+
 impl ServePool {
     /// The runtime closure of `outputs`, from an idle session or one started by
-    /// `start`; None when it cannot answer.
-    pub fn closure(
-        &self,
-        outputs: &[String],
-        start: impl FnOnce() -> Command,
-    ) -> Option<Vec<StorePathInfo>> {
+    /// `start`.
+    pub fn closure(&self, outputs: &[String], start: impl FnOnce() -> Command) -> Served {
         let (idle, stale) = {
             let mut pool = self.lock();
             if pool.failed_at.is_some_and(|t| t.elapsed() < BACKOFF) {
-                return None;
+                return Served::Unavailable;
             }
             let (fresh, stale): (Vec<_>, Vec<_>) = std::mem::take(&mut pool.idle)
                 .into_iter()
@@ -77,14 +91,20 @@ impl ServePool {
         drop(stale);
         let mut session = match idle {
             Some(s) => s,
-            None => self.start(start())?,
+            None => match self.start(start()) {
+                Some(s) => s,
+                None => return Served::Unavailable,
+            },
         };
         match session.closure(outputs) {
-            Ok(infos) => {
+            Ok(served) => {
                 self.lock().idle.push(session);
-                Some(infos)
+                served
             }
-            Err(e) => self.failed(format!("nix-store --serve: {e}")),
+            Err(e) => {
+                self.failed::<()>(format!("nix-store --serve: {e}"));
+                Served::Unavailable
+            }
         }
     }
 
@@ -164,8 +184,18 @@ impl Session {
         self.started.elapsed() < MAX_AGE && self.collections == COLLECTIONS.load(Ordering::Relaxed)
     }
 
-    fn closure(&mut self, outputs: &[String]) -> io::Result<Vec<StorePathInfo>> {
+    fn closure(&mut self, outputs: &[String]) -> io::Result<Served> {
         self.within(|s| {
+            serve::write_valid_paths_query(&mut s.stdin, outputs)?;
+            let valid = serve::read_valid_paths(&mut s.stdout)?;
+            let not_valid: Vec<String> = outputs
+                .iter()
+                .filter(|p| !valid.contains(p))
+                .cloned()
+                .collect();
+            if !not_valid.is_empty() {
+                return Ok(Served::NotValid(not_valid));
+            }
             serve::write_closure_query(&mut s.stdin, outputs)?;
             let paths = serve::read_closure(&mut s.stdout)?;
             serve::write_path_info_query(&mut s.stdin, &paths)?;
@@ -182,7 +212,7 @@ impl Session {
                     ),
                 ));
             }
-            Ok(infos)
+            Ok(Served::Closure(infos))
         })
     }
 
@@ -230,7 +260,7 @@ mod tests {
                 starts += 1;
                 Command::new("true")
             });
-            assert!(served.is_none());
+            assert_eq!(served, Served::Unavailable);
         }
         assert_eq!(starts, 1);
         pool.warm(Command::new("true"));
@@ -254,5 +284,44 @@ mod tests {
             waited >= Duration::from_millis(300) && waited < Duration::from_secs(20),
             "stopped after {waited:?}"
         );
+    }
+
+    #[test]
+    fn an_output_not_registered_yet_is_said_so_and_the_session_stays() {
+        let pool = ServePool::default();
+        let mut starts = 0;
+        let mut start = || {
+            starts += 1;
+            let mut nix = Command::new("nix-store");
+            nix.arg("--serve");
+            nix
+        };
+        // A store path nothing has built.
+        let missing = vec!["/nix/store/00000000000000000000000000000000-not-built".to_string()];
+        assert_eq!(
+            pool.closure(&missing, &mut start),
+            Served::NotValid(missing.clone())
+        );
+        assert!(pool.lock().failed_at.is_none());
+        assert_eq!(pool.lock().idle.len(), 1);
+        // The same session then reads a closure: one added to the store here.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("nixery-serve-test");
+        std::fs::write(&file, "a path for the registry's tests\n").unwrap();
+        let added = Command::new("nix-store")
+            .arg("--add")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(added.status.success(), "{added:?}");
+        let path = String::from_utf8(added.stdout).unwrap().trim().to_string();
+        match pool.closure(std::slice::from_ref(&path), &mut start) {
+            Served::Closure(infos) => {
+                assert_eq!(infos.len(), 1);
+                assert_eq!(infos[0].path, path);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(starts, 1, "the session was started again");
     }
 }

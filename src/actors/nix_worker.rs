@@ -3,7 +3,7 @@
 //! the chunks), so each worker does one job at a time and the pool size bounds how
 //! many run at once.
 
-use super::nix_serve::{self, ServePool};
+use super::nix_serve::{self, ServePool, Served};
 use crate::archive::{self, LayerSummary, SymlinkLayerInfo};
 use crate::compression::Codec;
 use crate::error::BuildError;
@@ -504,8 +504,15 @@ impl NixWorker {
         let started = Instant::now();
         let served = self.serve.closure(&outputs, || self.serve_command());
         let (mut closure, how) = match served {
-            Some(closure) => (closure, "nix-store --serve"),
-            None => (
+            Served::Closure(closure) => (closure, "nix-store --serve"),
+            Served::NotValid(paths) => {
+                log::debug!("build {label}: not registered yet: {}", paths.join(" "));
+                return Err(BuildError::Internal(format!(
+                    "{} not registered in the Nix store",
+                    paths.join(", ")
+                )));
+            }
+            Served::Unavailable => (
                 self.read_closure(outputs, label)?,
                 "nix-store --query and --dump-db",
             ),

@@ -1,5 +1,6 @@
 //! The `nix-store --serve` protocol, as far as the registry speaks it: the greeting,
-//! a closure query and a path-info query, over any reader and writer.
+//! a validity query, a closure query and a path-info query, over any reader and
+//! writer.
 //!
 //! A long-lived such process answers closure queries one after another, where each
 //! query used to start two Nix processes (`--query --requisites`, then
@@ -20,6 +21,7 @@ const MAGIC_2: u64 = 0x5452_eecb;
 /// What the registry says it speaks: 2.5, so the server sends NAR hashes (2.4 and
 /// later) and nothing newer is assumed of it.
 const CLIENT_VERSION: u64 = 0x205;
+const QUERY_VALID_PATHS: u64 = 1;
 const QUERY_PATH_INFOS: u64 = 2;
 const QUERY_CLOSURE: u64 = 7;
 /// No store path or hash is anywhere near this; a longer string means the stream
@@ -93,6 +95,21 @@ pub fn read_greeting(r: &mut impl Read, w: &mut impl Write) -> io::Result<()> {
     }
     write_u64(w, CLIENT_VERSION)?;
     w.flush()
+}
+
+/// Asks which of `paths` are valid (registered), without locking or substituting
+/// them. A closure query for a path that is not valid ends the session, as Nix's
+/// `--serve` stops at its first error; this one only leaves it out of the answer.
+pub fn write_valid_paths_query(w: &mut impl Write, paths: &[String]) -> io::Result<()> {
+    write_u64(w, QUERY_VALID_PATHS)?;
+    write_u64(w, 0)?;
+    write_u64(w, 0)?;
+    write_strs(w, paths)?;
+    w.flush()
+}
+
+pub fn read_valid_paths(r: &mut impl Read) -> io::Result<Vec<String>> {
+    read_strs(r)
 }
 
 /// Asks for the runtime closure of `paths` (their outputs not included).
@@ -249,6 +266,13 @@ mod tests {
         write_path_info_query(&mut b, &paths).unwrap();
         let mut r = Cursor::new(b);
         assert_eq!(read_u64(&mut r).unwrap(), 2);
+        assert_eq!(read_strs(&mut r).unwrap(), paths);
+        let mut b = Vec::new();
+        write_valid_paths_query(&mut b, &paths).unwrap();
+        let mut r = Cursor::new(b);
+        assert_eq!(read_u64(&mut r).unwrap(), 1);
+        assert_eq!(read_u64(&mut r).unwrap(), 0, "no temporary roots");
+        assert_eq!(read_u64(&mut r).unwrap(), 0, "no substitution");
         assert_eq!(read_strs(&mut r).unwrap(), paths);
     }
 }
