@@ -10,8 +10,8 @@
 //! looks like a burst, so that the burst is one batch rather than a second image
 //! alone and the rest waiting behind it. Only a start from idle opens that window:
 //! under steady load, where one worker's next evaluation starts while another's
-//! runs, a wait on every start would leave the last worker waiting while the first
-//! did all the work (300 images from 32 clients took 12.8 s instead of 7.6 s). Against nixpkgs, 32 new images at once were all
+//! runs, a window on every start could keep the last worker waiting again and
+//! again while the first did all the work. Against nixpkgs, 32 new images at once were all
 //! evaluated 1.4-1.6 s after the burst with the first two alone and the other 30
 //! one batch behind them: each of those two took about 0.45 s, mostly the import
 //! of the package set, which the 30 waited for. Gathered, the second worker took
