@@ -15,7 +15,7 @@
 //! evaluated 1.4-1.6 s after the burst with the first two alone and the other 30
 //! one batch behind them: each of those two took about 0.45 s, mostly the import
 //! of the package set, which the 30 waited for. Gathered, the second worker took
-//! 31 at once and all were evaluated at 1.1-1.2 s.
+//! 31 at once and all were evaluated at 1.1-1.3 s.
 
 use super::ask;
 use crate::actors::nix_worker::{Evaluate, EvaluateBatch, NixWorker};
