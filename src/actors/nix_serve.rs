@@ -102,7 +102,7 @@ impl ServePool {
                 served
             }
             Err(e) => {
-                self.failed::<()>(format!("nix-store --serve: {e}"));
+                self.failed(format!("nix-store --serve: {e}"));
                 Served::Unavailable
             }
         }
@@ -121,7 +121,10 @@ impl ServePool {
         let limit = self.lock().limit;
         match Session::start(cmd, limit) {
             Ok(s) => Some(s),
-            Err(e) => self.failed(format!("nix-store --serve did not start: {e}")),
+            Err(e) => {
+                self.failed(format!("nix-store --serve did not start: {e}"));
+                None
+            }
         }
     }
 
@@ -130,7 +133,7 @@ impl ServePool {
     }
 
     /// Stops the idle sessions too: none is asked anything until the backoff ends.
-    fn failed<T>(&self, why: String) -> Option<T> {
+    fn failed(&self, why: String) {
         log::warn!(
             "{why}; closures are read with nix-store --query and --dump-db for the next {} s",
             BACKOFF.as_secs()
@@ -141,7 +144,6 @@ impl ServePool {
             std::mem::take(&mut pool.idle)
         };
         drop(idle);
-        None
     }
 }
 

@@ -507,10 +507,9 @@ impl NixWorker {
             Served::Closure(closure) => (closure, "nix-store --serve"),
             Served::NotValid(paths) => {
                 log::debug!("build {label}: not registered yet: {}", paths.join(" "));
-                return Err(BuildError::Internal(format!(
-                    "{} not registered in the Nix store",
-                    paths.join(", ")
-                )));
+                return Err(BuildError::Internal(
+                    "the image's packages are not registered in the Nix store".into(),
+                ));
             }
             Served::Unavailable => (
                 self.read_closure(outputs, label)?,
