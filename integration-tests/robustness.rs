@@ -1074,24 +1074,37 @@ fn group_members(group: u32) -> Vec<u32> {
         .collect()
 }
 
-#[test]
-fn a_nix_build_still_running_when_the_server_exits_is_stopped() {
+fn is_realise((_, program, args): &(u32, String, String)) -> bool {
+    program == "nix-store" && args.starts_with("--realise")
+}
+
+/// A server with `grace` seconds to shut down, whose build of `hello` has reached
+/// `nix-store --realise` and is held there `delay` seconds; with the request's
+/// thread.
+fn mid_realisation(
+    delay: &str,
+    grace: &str,
+) -> (NixWrappers, Server, thread::JoinHandle<(Answer, Duration)>) {
     let nix = NixWrappers::new();
-    // The build outlasts the shutdown grace by far.
-    nix.set_realise_delay("120");
-    let mut server = Server::start(&[
+    nix.set_realise_delay(delay);
+    let server = Server::start(&[
         ("NIXERY_NIX__BIN_DIR", &nix.bin_dir()),
-        ("NIXERY_SERVER__SHUTDOWN_GRACE_SECS", "1"),
+        ("NIXERY_SERVER__SHUTDOWN_GRACE_SECS", grace),
     ]);
-    let pid = server.pid().expect("pid");
-    let _in_flight = spawn_request("GET", manifest_url(&server, "hello"));
-    let is_realise =
-        |(_, p, a): &(u32, String, String)| p == "nix-store" && a.starts_with("--realise");
+    let in_flight = spawn_request("GET", manifest_url(&server, "hello"));
     nix.wait_for(
         "the build to reach nix-store --realise",
         Duration::from_secs(30),
         |c| c.iter().any(is_realise),
     );
+    (nix, server, in_flight)
+}
+
+#[test]
+fn a_nix_build_still_running_when_the_server_exits_is_stopped() {
+    // The build outlasts the shutdown grace by far.
+    let (nix, mut server, _in_flight) = mid_realisation("120", "1");
+    let pid = server.pid().expect("pid");
     let realise: Vec<u32> = nix
         .calls()
         .iter()
@@ -1128,23 +1141,9 @@ fn a_nix_build_still_running_when_the_server_exits_is_stopped() {
 
 #[test]
 fn sigterm_lets_in_flight_request_finish_then_exits() {
-    let nix = NixWrappers::new();
-    nix.set_realise_delay("3");
-    let mut server = Server::start(&[
-        ("NIXERY_NIX__BIN_DIR", &nix.bin_dir()),
-        ("NIXERY_SERVER__SHUTDOWN_GRACE_SECS", "20"),
-    ]);
+    let (_nix, mut server, in_flight) = mid_realisation("3", "20");
     let pid = server.pid().expect("pid");
     let addr: SocketAddr = server.addr().parse().expect("socket address");
-    let in_flight = spawn_request("GET", manifest_url(&server, "hello"));
-    nix.wait_for(
-        "the build to reach nix-store --realise",
-        Duration::from_secs(30),
-        |c| {
-            c.iter()
-                .any(|(_, p, a)| p == "nix-store" && a.starts_with("--realise"))
-        },
-    );
     let signalled = Instant::now();
     kill(pid, libc::SIGTERM);
 
