@@ -12,7 +12,7 @@
 //! under steady load, where one worker's next evaluation starts while another's
 //! runs, a window on every start could keep the last worker waiting again and
 //! again while the first did all the work. Against nixpkgs, 32 new images at once were all
-//! evaluated 1.4-1.6 s after the burst with the first two alone and the other 30
+//! evaluated 1.4-1.7 s after the burst with the first two alone and the other 30
 //! one batch behind them: each of those two took about 0.45 s, mostly the import
 //! of the package set, which the 30 waited for. Gathered, the second worker took
 //! 31 at once and all were evaluated at 1.1-1.3 s.
