@@ -189,7 +189,7 @@ impl Session {
     fn closure(&mut self, outputs: &[String]) -> io::Result<Served> {
         self.within(|s| {
             serve::write_valid_paths_query(&mut s.stdin, outputs)?;
-            let valid = serve::read_valid_paths(&mut s.stdout)?;
+            let valid = serve::read_paths(&mut s.stdout)?;
             let not_valid: Vec<String> = outputs
                 .iter()
                 .filter(|p| !valid.contains(p))
@@ -199,7 +199,7 @@ impl Session {
                 return Ok(Served::NotValid(not_valid));
             }
             serve::write_closure_query(&mut s.stdin, outputs)?;
-            let paths = serve::read_closure(&mut s.stdout)?;
+            let paths = serve::read_paths(&mut s.stdout)?;
             serve::write_path_info_query(&mut s.stdin, &paths)?;
             let infos = serve::read_path_infos(&mut s.stdout)?;
             // An invalid path is left out of the answer, and Nix remembers it as

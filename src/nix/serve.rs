@@ -97,38 +97,39 @@ pub fn read_greeting(r: &mut impl Read, w: &mut impl Write) -> io::Result<()> {
     w.flush()
 }
 
+/// A query: its command, its flags, then `paths`.
+fn write_query(
+    w: &mut impl Write,
+    command: u64,
+    flags: &[u64],
+    paths: &[String],
+) -> io::Result<()> {
+    write_u64(w, command)?;
+    flags.iter().try_for_each(|&f| write_u64(w, f))?;
+    write_strs(w, paths)?;
+    w.flush()
+}
+
 /// Asks which of `paths` are valid (registered), without locking or substituting
 /// them. A closure query for a path that is not valid ends the session, as Nix's
 /// `--serve` stops at its first error; this one only leaves it out of the answer.
 pub fn write_valid_paths_query(w: &mut impl Write, paths: &[String]) -> io::Result<()> {
-    write_u64(w, QUERY_VALID_PATHS)?;
-    write_u64(w, 0)?;
-    write_u64(w, 0)?;
-    write_strs(w, paths)?;
-    w.flush()
-}
-
-pub fn read_valid_paths(r: &mut impl Read) -> io::Result<Vec<String>> {
-    read_strs(r)
+    write_query(w, QUERY_VALID_PATHS, &[0, 0], paths)
 }
 
 /// Asks for the runtime closure of `paths` (their outputs not included).
 pub fn write_closure_query(w: &mut impl Write, paths: &[String]) -> io::Result<()> {
-    write_u64(w, QUERY_CLOSURE)?;
-    write_u64(w, 0)?;
-    write_strs(w, paths)?;
-    w.flush()
+    write_query(w, QUERY_CLOSURE, &[0], paths)
 }
 
-pub fn read_closure(r: &mut impl Read) -> io::Result<Vec<String>> {
+/// The answer to a validity or a closure query: a set of paths.
+pub fn read_paths(r: &mut impl Read) -> io::Result<Vec<String>> {
     read_strs(r)
 }
 
 /// Asks for the registration of each of `paths`.
 pub fn write_path_info_query(w: &mut impl Write, paths: &[String]) -> io::Result<()> {
-    write_u64(w, QUERY_PATH_INFOS)?;
-    write_strs(w, paths)?;
-    w.flush()
+    write_query(w, QUERY_PATH_INFOS, &[], paths)
 }
 
 /// The answer to a path-info query: one entry per valid path (an invalid one is
@@ -250,7 +251,7 @@ mod tests {
         );
         let huge = u64::MAX.to_le_bytes().to_vec();
         assert!(read_str(&mut Cursor::new(huge.clone())).is_err());
-        assert!(read_closure(&mut Cursor::new(huge)).is_err());
+        assert!(read_paths(&mut Cursor::new(huge)).is_err());
     }
 
     #[test]
