@@ -27,6 +27,13 @@ fn running() -> std::sync::MutexGuard<'static, BTreeSet<u32>> {
 /// not signalled after it may have been reused).
 struct Registered(u32);
 
+impl Registered {
+    fn new(pid: u32) -> Registered {
+        running().insert(pid);
+        Registered(pid)
+    }
+}
+
 impl Drop for Registered {
     fn drop(&mut self) {
         running().remove(&self.0);
@@ -152,8 +159,7 @@ pub fn run_command_unless(
     // would add up to its interval to every run, and Nix's short queries last only
     // a few of them.
     let pid = child.id();
-    running().insert(pid);
-    let _registered = Registered(pid);
+    let _registered = Registered::new(pid);
     let (exited, status_of) = mpsc::channel();
     thread::spawn(move || {
         let _ = exited.send(child.wait());
