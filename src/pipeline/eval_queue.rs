@@ -11,11 +11,13 @@
 //! alone and the rest waiting behind it. Only a start from idle opens that window:
 //! under steady load, where one worker's next evaluation starts while another's
 //! runs, a window on every start could keep the last worker waiting again and
-//! again while the first did all the work. Against nixpkgs, 32 new images at once were all
-//! evaluated 1.4-1.7 s after the burst with the first two alone and the other 30
-//! one batch behind them: each of those two took about 0.45 s, mostly the import
-//! of the package set, which the 30 waited for. Gathered, the second worker took
-//! 31 at once and all were evaluated at 1.1-1.3 s.
+//! again while the first did all the work.
+//!
+//! Against nixpkgs, 32 new images at once were all evaluated 1.4-1.7 s after the
+//! burst with the first two alone and the other 30 one batch behind them: each of
+//! those two took about 0.45 s, mostly the import of the package set, which the 30
+//! waited for. Gathered, the second worker took 31 at once and all were evaluated
+//! at 1.1-1.3 s.
 
 use super::ask;
 use crate::actors::nix_worker::{Evaluate, EvaluateBatch, NixWorker};
