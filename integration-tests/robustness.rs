@@ -186,18 +186,29 @@ fn cmdline(pid: u32) -> String {
         .unwrap_or_default()
 }
 
+/// Every process id in /proc.
+fn pids() -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .collect()
+}
+
+/// The fields of `/proc/PID/stat` after the command name: state, ppid, pgrp, …
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(String::from).collect())
+}
+
 /// Running (not a zombie, not gone).
 fn is_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            let state = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().next())
-                .unwrap_or("");
-            state != "Z" && state != "X"
-        }
-        Err(_) => false,
-    }
+    stat_fields(pid)
+        .and_then(|f| f.first().cloned())
+        .is_some_and(|state| state != "Z" && state != "X")
 }
 
 /// PIDs of the processes whose environment carries `salt=<salt>`: the builders
@@ -211,14 +222,8 @@ fn builder_pids_of(salt: &str, drv_name: Option<&str>) -> Vec<u32> {
     let needle = format!("salt={salt}");
     let name_var = drv_name.map(|n| format!("name={n}"));
     let me = std::process::id();
-    let mut pids = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return pids;
-    };
-    for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
+    let mut found = Vec::new();
+    for pid in pids() {
         if pid == me || !is_alive(pid) {
             continue;
         }
@@ -228,11 +233,11 @@ fn builder_pids_of(salt: &str, drv_name: Option<&str>) -> Vec<u32> {
                 .as_ref()
                 .is_none_or(|n| vars.contains(&n.as_bytes()));
             if named && vars.contains(&needle.as_bytes()) {
-                pids.push(pid);
+                found.push(pid);
             }
         }
     }
-    pids
+    found
 }
 
 fn describe_pids(pids: &[u32]) -> String {
@@ -851,13 +856,7 @@ impl Drop for OrphanWatcher {
 }
 
 fn parent_pid(pid: u32) -> Option<u32> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
+    stat_fields(pid)?.get(1)?.parse().ok()
 }
 
 // ---------------------------------------------------------------------------
@@ -910,10 +909,8 @@ fn a_killed_closure_reader_costs_no_image() {
     let server = Server::start(&[("RUST_LOG", "info,nixery::actors::nix_worker=debug")]);
     pull(&server, "hello");
     let pid = server.pid().expect("server pid");
-    let sessions: Vec<u32> = fs::read_dir("/proc")
-        .expect("/proc")
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    let sessions: Vec<u32> = pids()
+        .into_iter()
         .filter(|&p| parent_pid(p) == Some(pid) && cmdline(p).contains("nix-store --serve"))
         .collect();
     assert!(
@@ -1056,20 +1053,13 @@ fn server_killed_mid_build_restarts_on_consistent_storage() {
 
 /// Processes whose process group is `group`, zombies left out.
 fn group_members(group: u32) -> Vec<u32> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+    pids()
+        .into_iter()
         .filter(|&pid| {
-            fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    let rest = stat.rsplit_once(')')?.1.to_string();
-                    let f: Vec<&str> = rest.split_whitespace().collect();
-                    // state, ppid, pgrp
-                    Some(f.first()? != &"Z" && f.get(2)?.parse::<u32>().ok()? == group)
-                })
-                .unwrap_or(false)
+            is_alive(pid)
+                && stat_fields(pid)
+                    .and_then(|f| f.get(2)?.parse::<u32>().ok())
+                    .is_some_and(|pgrp| pgrp == group)
         })
         .collect()
 }
