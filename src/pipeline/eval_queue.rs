@@ -38,8 +38,8 @@ pub struct EvalQueue {
     workers: Addr<NixWorker>,
     /// Evaluations running at once: the evaluation workers.
     capacity: usize,
-    /// How long the last free worker waits for more requests when another
-    /// evaluation started less than this before; zero: never.
+    /// How long the last free worker waits for more requests after an evaluation
+    /// started on an idle registry; zero: never.
     gather: Duration,
     state: Mutex<State>,
 }
