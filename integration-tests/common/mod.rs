@@ -1394,6 +1394,11 @@ pub struct NixWrappers {
     dir: TempDir,
 }
 
+/// The files next to the wrappers that change what they do.
+const REALISE_DELAY: &str = "realise-delay";
+const EVAL_DELAY: &str = "eval-delay";
+const REFUSE_SERVE: &str = "refuse-serve";
+
 impl NixWrappers {
     pub fn new() -> NixWrappers {
         let dir = tempfile::Builder::new()
@@ -1401,9 +1406,9 @@ impl NixWrappers {
             .tempdir()
             .expect("create wrapper dir");
         let log = dir.path().join("nix.log");
-        let delay = dir.path().join("realise-delay");
-        let eval_delay = dir.path().join("eval-delay");
-        let no_serve = dir.path().join("refuse-serve");
+        let delay = dir.path().join(REALISE_DELAY);
+        let eval_delay = dir.path().join(EVAL_DELAY);
+        let no_serve = dir.path().join(REFUSE_SERVE);
         fs::write(&log, "").expect("create wrapper log");
         for program in ["nix-instantiate", "nix-store"] {
             let real = which(program)
@@ -1443,18 +1448,18 @@ impl NixWrappers {
     /// Makes every later `nix-store --serve` fail at once, as on a Nix that had
     /// none: the registry then reads closures with two processes.
     pub fn refuse_serve(&self) {
-        fs::write(self.dir.path().join("refuse-serve"), "").expect("write flag");
+        fs::write(self.dir.path().join(REFUSE_SERVE), "").expect("write flag");
     }
 
     /// Makes every later `nix-store --realise` sleep `secs` seconds first.
     pub fn set_realise_delay(&self, secs: &str) {
-        fs::write(self.dir.path().join("realise-delay"), secs).expect("write delay");
+        fs::write(self.dir.path().join(REALISE_DELAY), secs).expect("write delay");
     }
 
     /// Makes every later evaluation (`nix-instantiate --eval`) sleep `secs` seconds
     /// first.
     pub fn set_eval_delay(&self, secs: &str) {
-        fs::write(self.dir.path().join("eval-delay"), secs).expect("write delay");
+        fs::write(self.dir.path().join(EVAL_DELAY), secs).expect("write delay");
     }
 
     pub fn log_text(&self) -> String {
