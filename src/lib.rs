@@ -20,6 +20,7 @@ pub mod http;
 pub mod image;
 pub mod layers;
 pub mod limits;
+pub mod logsink;
 pub mod manifest;
 pub mod metrics;
 pub mod nix;
