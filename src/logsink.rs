@@ -1,39 +1,60 @@
-//! Where the log lines go when stderr is not a terminal: through a buffer that a
-//! thread of its own writes out.
+//! Where the log lines go when stderr is not a terminal: a request's access line
+//! through a buffer that a thread of its own writes out, every other line at once.
 //!
 //! Every request logs an access line. Written straight to stderr, that is a
 //! write(2) per request under the stderr lock, which the HTTP workers contend for:
 //! with two workers, most requests also paid a futex wait and wake (0.63 futex
-//! calls per request under `wrk`, all of them this lock). Here a line is a copy
-//! into memory; the thread writes what gathered within [`GATHER`] in one call.
+//! calls per request under `wrk`, all of them this lock). Here an access line is a
+//! copy into memory; the thread writes what gathered within [`GATHER`] in one call.
+//! actix-web logs that line only as the answer's last bytes go out, so it never
+//! was in the log before the client had its answer. Every other line (a build's
+//! progress, a warning) is written before the call that logged it returns, as
+//! before: what a request logs on its way is in the log when it is answered.
 //!
-//! Order is kept: lines reach stderr in the order they were logged. A line waits
-//! at most about [`GATHER`], unless stderr itself blocks; then the buffer fills
-//! to its capacity and loggers wait for stderr as they did before, so memory
-//! stays bounded. [`finish`] writes out what is left and makes every later line
+//! Order is kept: lines reach stderr in the order they were logged, since a line
+//! written at once first writes out those buffered before it. An access line waits
+//! at most about [`GATHER`], unless stderr itself blocks; then the buffer fills to
+//! its capacity and loggers wait for stderr as they did before, so memory stays
+//! bounded. [`finish`] writes out what is left and makes every later line
 //! synchronous, and a panic writes the buffer out before its own message.
 
+use std::cell::Cell;
 use std::io::{self, IsTerminal, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-/// How long the thread lets lines gather after the first one: the most a line
-/// waits, and at 40,000 requests a second about 80 lines to one write.
+/// How long the thread lets access lines gather after the first one: the most
+/// one waits, and at 40,000 requests a second about 80 lines to one write.
 pub const GATHER: Duration = Duration::from_millis(2);
 
 /// Bytes buffered at most; past that a logger writes itself, and waits for stderr.
 const CAPACITY: usize = 1 << 20;
 
+/// The target of actix-web's access log, whose lines may wait in the buffer.
+const ACCESS_LOG: &str = "actix_web::middleware::logger";
+
 static STDERR_SINK: OnceLock<Arc<Shared<io::Stderr>>> = OnceLock::new();
 
-/// Sends `builder`'s lines through the buffer, when stderr is not a terminal
-/// (on a terminal colours matter more than speed). Call once, before `init`.
-pub fn route(builder: &mut env_logger::Builder) {
+thread_local! {
+    /// Set while env_logger writes an access line on this thread.
+    static MAY_WAIT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Installs `builder`'s logger, its access lines through the buffer when stderr
+/// is not a terminal (on a terminal colours matter more than speed).
+pub fn init(mut builder: env_logger::Builder) {
     if io::stderr().is_terminal() {
+        builder.init();
         return;
     }
     let shared = STDERR_SINK.get_or_init(|| start(io::stderr(), CAPACITY));
     builder.target(env_logger::Target::Pipe(Box::new(Sink(shared.clone()))));
+    let inner = builder.build();
+    let max_level = inner.filter();
+    if log::set_boxed_logger(Box::new(Routed { inner })).is_err() {
+        return; // a logger is installed already
+    }
+    log::set_max_level(max_level);
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         if let Some(shared) = STDERR_SINK.get() {
@@ -48,6 +69,30 @@ pub fn route(builder: &mut env_logger::Builder) {
 pub fn finish() {
     if let Some(shared) = STDERR_SINK.get() {
         shared.finish();
+    }
+}
+
+/// env_logger, telling its writer which lines may wait.
+struct Routed {
+    inner: env_logger::Logger,
+}
+
+impl log::Log for Routed {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.inner.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.inner.matches(record) {
+            return;
+        }
+        MAY_WAIT.with(|w| w.set(record.target() == ACCESS_LOG));
+        self.inner.log(record);
+        MAY_WAIT.with(|w| w.set(false));
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
     }
 }
 
@@ -87,9 +132,10 @@ fn start<W: Write + Send + 'static>(out: W, capacity: usize) -> Arc<Shared<W>> {
 }
 
 impl<W: Write> Shared<W> {
-    fn push(&self, line: &[u8]) {
+    /// Buffers `line` if it may wait, else writes it (after what is buffered).
+    fn push(&self, line: &[u8], may_wait: bool) {
         let mut state = lock(&self.state);
-        if state.direct || state.buf.len() + line.len() > self.capacity {
+        if !may_wait || state.direct || state.buf.len() + line.len() > self.capacity {
             let pending = std::mem::take(&mut state.buf);
             let mut out = lock(&self.out);
             drop(state);
@@ -166,7 +212,7 @@ struct Sink<W>(Arc<Shared<W>>);
 
 impl<W: Write> Write for Sink<W> {
     fn write(&mut self, line: &[u8]) -> io::Result<usize> {
-        self.0.push(line);
+        self.0.push(line, MAY_WAIT.with(Cell::get));
         Ok(line.len())
     }
 
@@ -205,18 +251,25 @@ mod tests {
         }
     }
 
+    /// Logs `line` as env_logger does through [`Routed`]: an access line may wait.
+    fn log_line(shared: &Arc<Shared<Shown>>, line: &str, access: bool) {
+        MAY_WAIT.with(|w| w.set(access));
+        let mut sink = Sink(shared.clone());
+        sink.write_all(line.as_bytes()).unwrap();
+        sink.flush().unwrap();
+        MAY_WAIT.with(|w| w.set(false));
+    }
+
     #[test]
     fn every_line_arrives_whole_and_in_each_threads_order() {
         let shown = Shown::default();
         let shared = start(shown.clone(), 4096);
         let threads: Vec<_> = (0..4)
             .map(|t| {
-                let mut sink = Sink(shared.clone());
+                let shared = shared.clone();
                 std::thread::spawn(move || {
                     for i in 0..2000 {
-                        sink.write_all(format!("thread {t} line {i}\n").as_bytes())
-                            .unwrap();
-                        sink.flush().unwrap();
+                        log_line(&shared, &format!("thread {t} line {i}\n"), i % 3 != 0);
                     }
                 })
             })
@@ -240,10 +293,20 @@ mod tests {
     }
 
     #[test]
-    fn a_lone_line_is_written_without_further_logging() {
+    fn a_line_other_than_an_access_line_is_written_at_once_after_those_buffered() {
         let shown = Shown::default();
         let shared = start(shown.clone(), 4096);
-        Sink(shared.clone()).write_all(b"only line\n").unwrap();
+        log_line(&shared, "GET /a\n", true);
+        log_line(&shared, "GET /b\n", true);
+        log_line(&shared, "build x: done\n", false);
+        assert_eq!(shown.text(), "GET /a\nGET /b\nbuild x: done\n");
+    }
+
+    #[test]
+    fn a_lone_access_line_is_written_without_further_logging() {
+        let shown = Shown::default();
+        let shared = start(shown.clone(), 4096);
+        log_line(&shared, "only line\n", true);
         let deadline = Instant::now() + Duration::from_secs(10);
         while shown.text().is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
@@ -257,7 +320,7 @@ mod tests {
         let shared = start(shown.clone(), 90);
         let hold = lock(&shown.held);
         // The first line goes to the writer thread, which blocks in write.
-        Sink(shared.clone()).write_all(b"first\n").unwrap();
+        log_line(&shared, "first\n", true);
         let deadline = Instant::now() + Duration::from_secs(10);
         while shared.buffered() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
@@ -269,15 +332,13 @@ mod tests {
         );
         // Ten lines of 9 bytes fill the buffer.
         for i in 0..10 {
-            Sink(shared.clone())
-                .write_all(format!("line {i:03}\n").as_bytes())
-                .unwrap();
+            log_line(&shared, &format!("line {i:03}\n"), true);
         }
         assert_eq!(shared.buffered(), 90);
         // The next line does not fit: its logger waits for stderr.
         let late = {
             let shared = shared.clone();
-            std::thread::spawn(move || Sink(shared).write_all(b"line 010\n").unwrap())
+            std::thread::spawn(move || log_line(&shared, "line 010\n", true))
         };
         std::thread::sleep(Duration::from_millis(50));
         assert!(
@@ -297,10 +358,10 @@ mod tests {
     fn after_finish_each_line_is_written_at_once() {
         let shown = Shown::default();
         let shared = start(shown.clone(), 4096);
-        Sink(shared.clone()).write_all(b"before\n").unwrap();
+        log_line(&shared, "before\n", true);
         shared.finish();
         assert_eq!(shown.text(), "before\n");
-        Sink(shared.clone()).write_all(b"after\n").unwrap();
+        log_line(&shared, "after\n", true);
         assert_eq!(shown.text(), "before\nafter\n");
     }
 }

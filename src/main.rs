@@ -5,8 +5,7 @@ fn main() -> ExitCode {
     let mut logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     logger.format_timestamp_millis();
-    nixery::logsink::route(&mut logger);
-    logger.init();
+    nixery::logsink::init(logger);
     let env: HashMap<String, String> = std::env::vars().collect();
     let result = nixery::config::Settings::load(&env)
         .map(|settings| actix_web::rt::System::new().block_on(nixery::app::run(settings)));
