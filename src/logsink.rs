@@ -136,13 +136,7 @@ impl<W: Write> Shared<W> {
     fn push(&self, line: &[u8], may_wait: bool) {
         let mut state = lock(&self.state);
         if !may_wait || state.direct || state.buf.len() + line.len() > self.capacity {
-            let pending = std::mem::take(&mut state.buf);
-            let mut out = lock(&self.out);
-            drop(state);
-            let _ = out.write_all(&pending);
-            let _ = out.write_all(line);
-            let _ = out.flush();
-            return;
+            return self.write_out(state, line);
         }
         let first = state.buf.is_empty();
         state.buf.extend_from_slice(line);
@@ -177,14 +171,21 @@ impl<W: Write> Shared<W> {
         }
     }
 
-    fn finish(&self) {
-        let mut state = lock(&self.state);
-        state.direct = true;
+    /// Writes what is buffered, then `line`. `out` is taken before `state` is let
+    /// go, so that nothing logged later overtakes them.
+    fn write_out(&self, mut state: MutexGuard<'_, State>, line: &[u8]) {
         let pending = std::mem::take(&mut state.buf);
         let mut out = lock(&self.out);
         drop(state);
         let _ = out.write_all(&pending);
+        let _ = out.write_all(line);
         let _ = out.flush();
+    }
+
+    fn finish(&self) {
+        let mut state = lock(&self.state);
+        state.direct = true;
+        self.write_out(state, &[]);
     }
 
     /// For the panic hook: never waits, since the panicking thread may hold a lock.
