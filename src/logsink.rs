@@ -82,10 +82,8 @@ impl log::Log for Routed {
         self.inner.enabled(metadata)
     }
 
+    /// env_logger's own `log` applies its filter.
     fn log(&self, record: &log::Record<'_>) {
-        if !self.inner.matches(record) {
-            return;
-        }
         MAY_WAIT.with(|w| w.set(record.target() == ACCESS_LOG));
         self.inner.log(record);
         MAY_WAIT.with(|w| w.set(false));
