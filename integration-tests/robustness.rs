@@ -206,8 +206,13 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 
 /// Running (not a zombie, not gone).
 fn is_alive(pid: u32) -> bool {
-    stat_fields(pid)
-        .and_then(|f| f.first().cloned())
+    stat_fields(pid).is_some_and(|f| running(&f))
+}
+
+/// Whether the state in `stat_fields` is a running one (not a zombie, not dead).
+fn running(fields: &[String]) -> bool {
+    fields
+        .first()
         .is_some_and(|state| state != "Z" && state != "X")
 }
 
@@ -1056,10 +1061,10 @@ fn group_members(group: u32) -> Vec<u32> {
     pids()
         .into_iter()
         .filter(|&pid| {
-            is_alive(pid)
-                && stat_fields(pid)
-                    .and_then(|f| f.get(2)?.parse::<u32>().ok())
-                    .is_some_and(|pgrp| pgrp == group)
+            // state, ppid, pgrp
+            stat_fields(pid).is_some_and(|f| {
+                running(&f) && f.get(2).and_then(|g| g.parse::<u32>().ok()) == Some(group)
+            })
         })
         .collect()
 }
