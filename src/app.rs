@@ -252,7 +252,12 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             .app_data(state.clone())
             .wrap(middleware::from_fn(http::limit_head))
             .wrap(middleware::from_fn(http::observe))
-            .wrap(middleware::Logger::new("%a \"%r\" %s %b %Dms"))
+            // `%a` would build the request's ConnectionInfo (forwarding headers,
+            // host, scheme) for every access line only to print the peer's address.
+            .wrap(
+                middleware::Logger::new("%{peer}xi \"%r\" %s %b %Dms")
+                    .custom_request_replace("peer", |req| http::peer_ip(req.peer_addr())),
+            )
             .configure(http::configure)
     })
     .client_request_timeout(Duration::from_secs(

@@ -217,9 +217,12 @@ async fn token(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
 
 /// The address a client connects from, which keys anonymous callers' limits.
 fn client_address(req: &HttpRequest) -> String {
-    req.peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_else(|| "unknown".into())
+    peer_ip(req.peer_addr())
+}
+
+/// A peer's IP address as the log and the limits name it.
+pub fn peer_ip(peer: Option<std::net::SocketAddr>) -> String {
+    peer.map_or_else(|| "unknown".into(), |a| a.ip().to_string())
 }
 
 /// Whether the caller may see the build pages: under `auth.anonymous = none`
@@ -302,12 +305,16 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
     }
     let route = parse_route(req.path(), state.limits.max_name_length)?;
     let repository = route.repository().map(str::to_string);
-    let (caller, client) = authorize(req, state, repository.as_deref()).await?;
+    let caller = authorize(req, state, repository.as_deref()).await?;
     // Manifest GETs draw on the pull allowance; HEAD requests and blobs are free.
     let allowance = match (&route, req.method()) {
         (Route::Manifest { .. }, &Method::GET) => state
             .rate_limits
-            .check(limits::Kind::Pulls, &client, &state.shared.stats)
+            .check(
+                limits::Kind::Pulls,
+                || client_key(req, &caller),
+                &state.shared.stats,
+            )
             .map_err(|exceeded| {
                 let mut e = RegistryError::too_many(exceeded.message(), exceeded.retry_after_secs);
                 e.headers.extend(exceeded.headers());
@@ -315,7 +322,7 @@ async fn registry(req: &HttpRequest, state: &AppState) -> Result<HttpResponse, R
             })?,
         _ => None,
     };
-    let served = serve(req, state, route, &caller, client).await;
+    let served = serve(req, state, route, &caller).await;
     match served {
         Ok(mut response) => {
             for (name, value) in allowance.iter().flat_map(|a| a.headers()) {
@@ -350,13 +357,12 @@ fn client_of(get: &GetImage) -> Option<Client> {
     }
 }
 
-/// The caller of a registry route and the key its limits are counted under: the
-/// user, or the address of an anonymous caller.
+/// The caller of a registry route.
 async fn authorize(
     req: &HttpRequest,
     state: &AppState,
     repository: Option<&str>,
-) -> Result<(Caller, String), RegistryError> {
+) -> Result<Caller, RegistryError> {
     let caller = match &state.auth {
         None => Caller::Anonymous,
         Some(auth) => auth
@@ -370,11 +376,16 @@ async fn authorize(
                 RegistryError::unauthorized(message, auth.challenge(&base_url(req), repository))
             })?,
     };
-    let client = match caller.user() {
+    Ok(caller)
+}
+
+/// The key a caller's limits are counted under: the user, or the address of an
+/// anonymous caller. Made only where a limit or a login applies.
+fn client_key(req: &HttpRequest, caller: &Caller) -> String {
+    match caller.user() {
         Some(user) => format!("user:{user}"),
         None => client_address(req),
-    };
-    Ok((caller, client))
+    }
 }
 
 async fn serve(
@@ -382,7 +393,6 @@ async fn serve(
     state: &AppState,
     route: Route,
     caller: &Caller,
-    client: String,
 ) -> Result<HttpResponse, RegistryError> {
     match route {
         Route::Base => Ok(HttpResponse::Ok()
@@ -432,7 +442,7 @@ async fn serve(
             // Only where a caller could be refused a build does the build know them.
             let client =
                 (state.auth.is_some() || state.rate_limits.limits_builds()).then(|| Client {
-                    key: client,
+                    key: client_key(req, caller),
                     may_build: state.auth.as_ref().is_none_or(|a| a.may_build(caller)),
                 });
             let get = state.build_target(&request, &source, index, client);
@@ -702,7 +712,7 @@ pub async fn observe(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = std::time::Instant::now();
     let route = crate::metrics::route_label(req.path());
-    let method = req.method().as_str().to_string();
+    let method = req.method().clone();
     let state = req.app_data::<web::Data<AppState>>().cloned();
     let response = next.call(req).await?;
     if let Some(state) = state {
@@ -726,7 +736,11 @@ pub async fn limit_head(
         .app_data::<web::Data<AppState>>()
         .map(|s| s.limits.max_header_bytes)
         .unwrap_or(usize::MAX);
-    let size = req.uri().to_string().len()
+    let uri = req.uri();
+    // The URI's length as it was sent, without writing it out on every request.
+    let size = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len())
         + req
             .headers()
             .iter()

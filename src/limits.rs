@@ -122,12 +122,13 @@ impl Limits {
         self.builds.is_some()
     }
 
-    /// Draws one request of `kind` from the client's allowance. Ok(None) when
-    /// there is no such limit.
+    /// Draws one request of `kind` from the allowance of the client `client`
+    /// names, which is asked only when there is such a limit; Ok(None) when
+    /// there is none.
     pub fn check(
         &self,
         kind: Kind,
-        client: &str,
+        client: impl FnOnce() -> String,
         metrics: &Metrics,
     ) -> Result<Option<Allowance>, Exceeded> {
         let limit = match kind {
@@ -137,7 +138,8 @@ impl Limits {
         let Some(l) = limit else {
             return Ok(None);
         };
-        let outcome = l.limiter.check_key(&client.to_string());
+        let client = client();
+        let outcome = l.limiter.check_key(&client);
         let counter = |o: &str| {
             metrics
                 .rate_limited
@@ -157,7 +159,7 @@ impl Limits {
                 counter("refused");
                 let wait = not_until.wait_time_from(self.clock.now());
                 Err(Exceeded {
-                    client: client.to_string(),
+                    client,
                     kind,
                     limit: l.limit,
                     window_secs: l.window_secs,
@@ -187,18 +189,23 @@ mod tests {
         let limits = Limits::new(3, 0);
         for remaining in [2, 1, 0] {
             let a = limits
-                .check(Kind::Pulls, "alice", &metrics)
+                .check(Kind::Pulls, || "alice".into(), &metrics)
                 .unwrap()
                 .unwrap();
             assert_eq!(a.remaining, remaining);
             assert_eq!(a.headers()[0].1, "3;w=60");
         }
-        let e = limits.check(Kind::Pulls, "alice", &metrics).unwrap_err();
+        let e = limits
+            .check(Kind::Pulls, || "alice".into(), &metrics)
+            .unwrap_err();
         assert_eq!(e.limit, 3);
         assert!((1..=20).contains(&e.retry_after_secs), "{e:?}");
         assert!(e.message().contains("3 manifest pulls per minute"));
-        assert!(limits.check(Kind::Pulls, "bob", &metrics).is_ok());
-        assert_eq!(limits.check(Kind::Builds, "alice", &metrics), Ok(None));
+        assert!(limits.check(Kind::Pulls, || "bob".into(), &metrics).is_ok());
+        assert_eq!(
+            limits.check(Kind::Builds, || "alice".into(), &metrics),
+            Ok(None)
+        );
         let text = metrics.render();
         assert!(
             text.contains(r#"nixery_rate_limited_total{limit="pulls",outcome="refused"} 1"#),

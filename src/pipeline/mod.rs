@@ -419,7 +419,7 @@ fn admit(c: &BuildContext, job: &Job) -> Result<(), BuildError> {
         return Err(BuildError::LoginRequired(job.request.display_name()));
     }
     c.limits
-        .check(limits::Kind::Builds, &client.key, &c.shared.stats)
+        .check(limits::Kind::Builds, || client.key.clone(), &c.shared.stats)
         .map(drop)
         .map_err(BuildError::BuildLimit)
 }
