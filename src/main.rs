@@ -2,10 +2,7 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let mut logger =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
-    logger.format_timestamp_millis();
-    nixery::logsink::init(logger);
+    nixery::logsink::init();
     let env: HashMap<String, String> = std::env::vars().collect();
     let result = nixery::config::Settings::load(&env)
         .map(|settings| actix_web::rt::System::new().block_on(nixery::app::run(settings)));
