@@ -13,8 +13,8 @@
 //!
 //! An access line is written in env_logger's format by this module itself,
 //! without env_logger's per-record buffer, indentation and colour stripping: it is
-//! one line without colour, and formatting it that way was about a tenth of the
-//! server's own CPU time on a warm manifest.
+//! one line without colour, and skipping those steps serves 4-10% more warm
+//! manifests a second.
 //!
 //! Order is kept: lines reach stderr in the order they were logged, since a line
 //! written at once first writes out those buffered before it. An access line waits
