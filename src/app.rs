@@ -256,7 +256,7 @@ pub async fn run(settings: Settings) -> Result<(), String> {
             // host, scheme) for every access line only to print the peer's address.
             .wrap(
                 middleware::Logger::new("%{peer}xi \"%r\" %s %b %Dms")
-                    .custom_request_replace("peer", |req| http::peer_ip(req.peer_addr())),
+                    .custom_request_replace("peer", |req| http::client_address(req.request())),
             )
             .configure(http::configure)
     })

@@ -215,14 +215,12 @@ async fn token(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
         .json(auth.issue(&caller, scopes))
 }
 
-/// The address a client connects from, which keys anonymous callers' limits.
-fn client_address(req: &HttpRequest) -> String {
-    peer_ip(req.peer_addr())
-}
-
-/// A peer's IP address as the log and the limits name it.
-pub fn peer_ip(peer: Option<std::net::SocketAddr>) -> String {
-    peer.map_or_else(|| "unknown".into(), |a| a.ip().to_string())
+/// The address a client connects from, which keys anonymous callers' limits and
+/// starts its access lines.
+pub fn client_address(req: &HttpRequest) -> String {
+    req.peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Whether the caller may see the build pages: under `auth.anonymous = none`
