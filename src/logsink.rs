@@ -23,7 +23,6 @@
 //! bounded. [`finish`] writes out what is left and makes every later line
 //! synchronous, and a panic writes the buffer out before its own message.
 
-use std::cell::RefCell;
 use std::io::{self, IsTerminal, Write};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -39,11 +38,6 @@ const CAPACITY: usize = 1 << 20;
 const ACCESS_LOG: &str = "actix_web::middleware::logger";
 
 static STDERR_SINK: OnceLock<Arc<Shared<io::Stderr>>> = OnceLock::new();
-
-thread_local! {
-    /// Where an access line is formatted, reused from one request to the next.
-    static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
 
 /// The logger: env_logger filtered by `RUST_LOG` (`info` by default), with
 /// millisecond timestamps; its access lines go through the buffer when stderr
@@ -96,17 +90,16 @@ impl log::Log for Routed {
         self.inner.enabled(metadata)
     }
 
-    /// env_logger's own `log` applies its filter.
+    /// env_logger's filter decides for every line, its own `log` applying it to
+    /// the lines it writes.
     fn log(&self, record: &log::Record<'_>) {
         if record.target() != ACCESS_LOG {
             return self.inner.log(record);
         }
         if self.inner.matches(record) {
-            LINE.with_borrow_mut(|line| {
-                line.clear();
-                access_line(line, time::OffsetDateTime::now_utc(), record);
-                self.sink.push(line, true);
-            });
+            let mut line = Vec::with_capacity(160);
+            access_line(&mut line, time::OffsetDateTime::now_utc(), record);
+            self.sink.push(&line, true);
         }
     }
 
