@@ -40,6 +40,11 @@ const GATHER_POLL: Duration = Duration::from_millis(20);
 /// How often a waiting image looks for its outputs in the store (a `stat` of each).
 const POLL: Duration = Duration::from_millis(50);
 
+/// How long an image whose outputs look built waits for Nix to register them
+/// before it realises them itself. Nix registers a path right after setting its
+/// files' times, so this is only ever the wait for a busy database.
+const REGISTRATION_WAIT: Duration = Duration::from_secs(1);
+
 pub struct RealiseQueue {
     /// The build workers.
     workers: Addr<NixWorker>,
@@ -253,25 +258,32 @@ impl RealiseQueue {
 
 /// The closure of an image whose outputs are built, read by a worker that does not
 /// build. The files said they are built; should Nix not have registered them yet
-/// (the instant between), a realisation waits for that.
+/// (the instant between), the read is tried again every [`POLL`] for up to
+/// [`REGISTRATION_WAIT`], and then a realisation waits for that: a second
+/// `nix-store` for the same derivations, which polls the building one's locks
+/// once a second.
 async fn read_closure(
     readers: Addr<NixWorker>,
     job: Realise,
 ) -> Result<Vec<StorePathInfo>, BuildError> {
-    let read = ReadClosure {
-        label: job.label.clone(),
-        outputs: job.evaluation.output_paths(),
-    };
-    match ask(&readers, read).await {
-        Ok(closure) => Ok(closure),
-        Err(_) => {
-            let job = Realise {
-                claim: Claim::default(),
-                ..job
-            };
-            readers.realise(job).await
+    let outputs = job.evaluation.output_paths();
+    let until = Instant::now() + REGISTRATION_WAIT;
+    loop {
+        let read = ReadClosure {
+            label: job.label.clone(),
+            outputs: outputs.clone(),
+        };
+        match ask(&readers, read).await {
+            Ok(closure) => return Ok(closure),
+            Err(_) if Instant::now() < until => tokio::time::sleep(POLL).await,
+            Err(_) => break,
         }
     }
+    let job = Realise {
+        claim: Claim::default(),
+        ..job
+    };
+    readers.realise(job).await
 }
 
 #[cfg(test)]
@@ -284,7 +296,8 @@ mod tests {
 
     /// A `nix-store` that logs its arguments; `--realise` makes each `X.drv!out`'s
     /// output `X` after a moment, registered as Nix leaves it (mtime 1), and the
-    /// queries answer for the paths they are given.
+    /// queries answer for the paths they are given, unless a file `unregistered`
+    /// says nothing is registered yet.
     fn fake_nix(dir: &Path) -> NixWorker {
         let bin = dir.join("bin");
         std::fs::create_dir(&bin).unwrap();
@@ -297,11 +310,13 @@ case "$1" in
     for a in "$@"; do case "$a" in
       *.drv!out) p="${{a%.drv!out}}"; : > "$p"; touch -d @1 "$p";;
     esac; done ;;
-  --query) for a in "$@"; do case "$a" in /*) echo "$a";; esac; done ;;
+  --query) [ -e {unregistered} ] && exit 1
+    for a in "$@"; do case "$a" in /*) echo "$a";; esac; done ;;
   --dump-db) for a in "$@"; do case "$a" in /*) printf '%s\nsha256:00\n1\n\n0\n' "$a";; esac; done ;;
 esac
 "#,
-            log = dir.join("calls").display()
+            log = dir.join("calls").display(),
+            unregistered = dir.join("unregistered").display()
         );
         let path = bin.join("nix-store");
         std::fs::write(&path, script).unwrap();
@@ -391,6 +406,30 @@ esac
                 "{realised:?}"
             );
         }
+    }
+
+    #[actix_rt::test]
+    async fn outputs_that_look_built_wait_for_their_registration_not_a_realisation() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(dir.path(), Duration::from_secs(60));
+        // Its files as Nix leaves them (mtime 1), in the instant before Nix
+        // registers the path.
+        let out = std::fs::File::create(dir.path().join("a")).unwrap();
+        out.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1))
+            .unwrap();
+        let unregistered = dir.path().join("unregistered");
+        std::fs::write(&unregistered, "").unwrap();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            std::fs::remove_file(unregistered).unwrap();
+        });
+        let answer = tokio::time::timeout(Duration::from_secs(20), q.realise(job(dir.path(), "a")))
+            .await
+            .expect("the closure was never read")
+            .unwrap();
+        assert_eq!(answer.len(), 1);
+        let realised = realisations(dir.path());
+        assert!(realised.is_empty(), "realised again: {realised:?}");
     }
 
     #[actix_rt::test]
