@@ -371,6 +371,19 @@ esac
         }
     }
 
+    /// `name`'s closure through the queue; `late` is the failure after 20 s.
+    async fn realised_within_20s(
+        q: &Arc<RealiseQueue>,
+        dir: &Path,
+        name: &str,
+        late: &str,
+    ) -> Vec<StorePathInfo> {
+        tokio::time::timeout(Duration::from_secs(20), q.realise(job(dir, name)))
+            .await
+            .expect(late)
+            .unwrap()
+    }
+
     fn realisations(dir: &Path) -> Vec<String> {
         std::fs::read_to_string(dir.join("calls"))
             .unwrap()
@@ -423,10 +436,7 @@ esac
             tokio::time::sleep(Duration::from_millis(300)).await;
             std::fs::remove_file(unregistered).unwrap();
         });
-        let answer = tokio::time::timeout(Duration::from_secs(20), q.realise(job(dir.path(), "a")))
-            .await
-            .expect("the closure was never read")
-            .unwrap();
+        let answer = realised_within_20s(&q, dir.path(), "a", "the closure was never read").await;
         assert_eq!(answer.len(), 1);
         let realised = realisations(dir.path());
         assert!(realised.is_empty(), "realised again: {realised:?}");
@@ -437,10 +447,8 @@ esac
         let dir = tempfile::tempdir().unwrap();
         // Were it to wait for others, it would wait a minute.
         let q = queue(dir.path(), Duration::from_secs(60));
-        let answer = tokio::time::timeout(Duration::from_secs(20), q.realise(job(dir.path(), "a")))
-            .await
-            .expect("a lone realisation waited for others")
-            .unwrap();
+        let answer =
+            realised_within_20s(&q, dir.path(), "a", "a lone realisation waited for others").await;
         assert_eq!(answer.len(), 1);
         let realised = realisations(dir.path());
         assert_eq!(realised.len(), 1, "{realised:?}");
