@@ -945,6 +945,32 @@ fn a_killed_closure_reader_costs_no_image() {
     assert_healthy(&server);
 }
 
+/// On an empty `/nix` (a Deployment's emptyDir) the server's first Nix process
+/// creates the store's database, and Nix 2.8 fails another process that opens it
+/// meanwhile ("database is busy"). So the first `nix-store --serve` is started,
+/// the store opened, before the server takes a request: a slow one holds up the
+/// server's start, never a request's evaluation.
+#[test]
+fn the_store_is_opened_before_the_first_request() {
+    let nix = NixWrappers::new();
+    nix.set_serve_delay("2");
+    let server = Server::start(&[("NIXERY_NIX__BIN_DIR", &nix.bin_dir())]);
+    pull(&server, "hello");
+    let log = nix.log_text();
+    let opened = log
+        .lines()
+        .position(|l| l.ends_with("--serve (starting now)"))
+        .unwrap_or_else(|| panic!("no nix-store --serve started:\n{log}"));
+    let evaluated = log
+        .lines()
+        .position(|l| l.contains(" nix-instantiate "))
+        .unwrap_or_else(|| panic!("no evaluation:\n{log}"));
+    assert!(
+        opened < evaluated,
+        "an evaluation started before the store was opened:\n{log}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 7. kill -9 of the server mid-build, restart on the same storage.
 

@@ -120,10 +120,11 @@ pub async fn run(settings: Settings) -> Result<(), String> {
         path_labels,
         serve: Default::default(),
     };
-    {
-        let w = worker.clone();
-        std::thread::spawn(move || w.warm_up());
-    }
+    // Before the listener, not beside the first request: on an empty /nix (a
+    // Deployment's emptyDir) this session creates Nix's database, and Nix 2.8
+    // gives up on a database that another process is creating at the same moment
+    // ("database is busy") rather than waiting for it.
+    worker.warm_up();
     // The collector's own worker, started only where builds can be rooted.
     let gc_worker = worker.clone();
     // Evaluations, realisations and packing each get workers of their own (see

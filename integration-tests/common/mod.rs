@@ -1398,6 +1398,7 @@ pub struct NixWrappers {
 const REALISE_DELAY: &str = "realise-delay";
 const EVAL_DELAY: &str = "eval-delay";
 const REFUSE_SERVE: &str = "refuse-serve";
+const SERVE_DELAY: &str = "serve-delay";
 
 impl NixWrappers {
     pub fn new() -> NixWrappers {
@@ -1409,6 +1410,7 @@ impl NixWrappers {
         let delay = dir.path().join(REALISE_DELAY);
         let eval_delay = dir.path().join(EVAL_DELAY);
         let no_serve = dir.path().join(REFUSE_SERVE);
+        let serve_delay = dir.path().join(SERVE_DELAY);
         fs::write(&log, "").expect("create wrapper log");
         for program in ["nix-instantiate", "nix-store"] {
             let real = which(program)
@@ -1420,13 +1422,16 @@ impl NixWrappers {
                  case \" $* \" in\n\
                  *' --realise '*) if [ -f '{delay}' ]; then sleep \"$(cat '{delay}')\"; fi ;;\n\
                  *' --eval '*) if [ -f '{eval_delay}' ]; then sleep \"$(cat '{eval_delay}')\"; fi ;;\n\
-                 *' --serve '*) if [ -f '{no_serve}' ]; then exit 1; fi ;;\n\
+                 *' --serve '*) if [ -f '{no_serve}' ]; then exit 1; fi\n\
+                   if [ -f '{serve_delay}' ]; then sleep \"$(cat '{serve_delay}')\"\n\
+                     printf '%s %s %s\\n' \"$$\" {program} '--serve (starting now)' >> '{log}'; fi ;;\n\
                  esac\n\
                  exec '{real}' \"$@\"\n",
                 log = log.display(),
                 delay = delay.display(),
                 eval_delay = eval_delay.display(),
                 no_serve = no_serve.display(),
+                serve_delay = serve_delay.display(),
                 real = real.display(),
             );
             let path = dir.path().join(program);
@@ -1449,6 +1454,13 @@ impl NixWrappers {
     /// none: the registry then reads closures with two processes.
     pub fn refuse_serve(&self) {
         fs::write(self.dir.path().join(REFUSE_SERVE), "").expect("write flag");
+    }
+
+    /// Makes every later `nix-store --serve` sleep `secs` seconds first, as one
+    /// that creates the store on an empty `/nix` takes a while, and then log
+    /// `--serve (starting now)`.
+    pub fn set_serve_delay(&self, secs: &str) {
+        fs::write(self.dir.path().join(SERVE_DELAY), secs).expect("write delay");
     }
 
     /// Makes every later `nix-store --realise` sleep `secs` seconds first.

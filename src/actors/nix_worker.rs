@@ -529,7 +529,8 @@ impl NixWorker {
         self.command("nix-store", &["--serve".to_string()])
     }
 
-    /// Starts a `nix-store --serve` for the first closure to come.
+    /// Starts a `nix-store --serve` for the first closure to come. It opens Nix's
+    /// store on the way, and creates it where there is none yet.
     pub fn warm_up(&self) {
         self.serve.warm(self.serve_command());
     }
